@@ -1,0 +1,41 @@
+"""The Mask2Former model: Swin backbone -> pixel decoder -> masked-attention transformer decoder."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mask2former.config import Mask2FormerConfig
+from mask2former.pixel_decoder import PixelDecoder
+from mask2former.swin import SwinBackbone
+from mask2former.transformer_decoder import Prediction, TransformerDecoder
+
+
+class Mask2FormerOutput(NamedTuple):
+    class_logits: torch.Tensor  # (B, Q, K+1); the last class is "no object"
+    mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
+    aux: tuple[Prediction, ...] | None = None  # earlier predictions, first to last, when asked for
+
+
+class Mask2Former(nn.Module):
+    """Mask2Former for semantic, instance and panoptic segmentation.
+
+    ``forward(pixel_values)`` takes normalized images (B, 3, H, W) float32 (H, W multiples of 32 for the
+    intended resolution; other sizes are padded inside) and returns class and mask logits.
+    """
+
+    def __init__(self, cfg: Mask2FormerConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = SwinBackbone(cfg.backbone)
+        self.pixel_decoder = PixelDecoder(cfg)
+        self.decoder = TransformerDecoder(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, aux: bool = False) -> Mask2FormerOutput:
+        features = self.backbone(pixel_values)  # strides 4, 8, 16, 32
+        mask_features, multi_scale = self.pixel_decoder(features)
+        preds = self.decoder(multi_scale, mask_features, all_layers=aux)
+        last = preds[-1]
+        return Mask2FormerOutput(last.class_logits, last.mask_logits, tuple(preds[:-1]) if aux else None)

@@ -1,0 +1,181 @@
+"""Multi-scale deformable-attention pixel decoder (MSDeformAttn encoder + one FPN level).
+
+Written in pure PyTorch: the deformable sampling is ``grid_sample`` (bilinear, zero padding,
+align_corners=False), which exports to ONNX ``GridSample``. Every tensor is float32, as in the reference.
+Levels are ordered coarse to fine: level 0 is stride 32, level 1 stride 16, level 2 stride 8.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mask2former.config import Mask2FormerConfig
+
+NUM_LEVELS = 3
+NUM_POINTS = 4
+
+
+def sine_position_embedding(h: int, w: int, num_feats: int, device: torch.device) -> torch.Tensor:
+    """Normalized 2-D sine embedding, (2*num_feats, H, W): y features then x features.
+
+    Channel pairs (2i, 2i+1) hold sin/cos of position / 10000^(2i/num_feats), positions scaled to (0, 2pi].
+    """
+    eps, scale = 1e-6, 2 * math.pi
+    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + eps) * scale  # (H,)
+    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + eps) * scale  # (W,)
+    i = torch.arange(num_feats, dtype=torch.float32, device=device)
+    dim_t = 10000 ** (2 * torch.div(i, 2, rounding_mode="floor") / num_feats)  # (F,)
+
+    def embed(pos: torch.Tensor) -> torch.Tensor:
+        p = pos[:, None] / dim_t  # (N, F)
+        return torch.stack((p[:, 0::2].sin(), p[:, 1::2].cos()), dim=2).flatten(1)  # (N, F) interleaved
+
+    ey = embed(y)[:, None, :].expand(h, w, num_feats)
+    ex = embed(x)[None, :, :].expand(h, w, num_feats)
+    return torch.cat((ey, ex), dim=2).permute(2, 0, 1)  # (2F, H, W)
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    shapes: list[tuple[int, int]],
+    locations: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention core.
+
+    Args:
+        value: (B, S, heads, d) values of all levels, flattened and concatenated.
+        shapes: (H_l, W_l) of each level.
+        locations: (B, Sq, heads, L, P, 2) sampling points, (x, y) in [0, 1].
+        weights: (B, Sq, heads, L, P) attention weights (softmax over L*P).
+    Returns:
+        (B, Sq, heads*d)
+    """
+    b, _, heads, d = value.shape
+    _, sq, _, levels, points, _ = locations.shape
+    grids = 2 * locations - 1
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * heads, d, h, w)  # (B*heads, d, H, W)
+        g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, sq, points, 2)  # (B*heads, Sq, P, 2)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    s = torch.stack(sampled, dim=-2).flatten(-2)  # (B*heads, d, Sq, L*P)
+    a = weights.transpose(1, 2).reshape(b * heads, 1, sq, levels * points)  # (B*heads, 1, Sq, L*P)
+    out = (s * a).sum(-1).view(b, heads * d, sq)  # (B, heads*d, Sq)
+    return out.transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(self, dim: int, heads: int, levels: int = NUM_LEVELS, points: int = NUM_POINTS):
+        super().__init__()
+        self.heads, self.levels, self.points = heads, levels, points
+        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
+        self.attention_weights = nn.Linear(dim, heads * levels * points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference: torch.Tensor,
+        value: torch.Tensor,
+        shapes: list[tuple[int, int]],
+    ) -> torch.Tensor:
+        """query (B, S, C) with position added; reference (S, 2) in [0, 1]; value (B, S, C) -> (B, S, C)."""
+        b, s, c = query.shape
+        v = self.value_proj(value).view(b, s, self.heads, c // self.heads)
+        offsets = self.sampling_offsets(query).view(b, s, self.heads, self.levels, self.points, 2)
+        weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
+        weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
+        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        locations = (
+            reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        )
+        return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, ffn: int):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, reference: torch.Tensor, shapes) -> torch.Tensor:
+        """(B, S, C) -> (B, S, C); post-norm."""
+        x = self.norm1(x + self.self_attn(x + pos, reference, x, shapes))
+        return self.norm2(x + self.fc2(F.relu(self.fc1(x))))
+
+
+def conv_norm(cin: int, cout: int, kernel: int, bias: bool, relu: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=bias),
+        nn.GroupNorm(32, cout),
+    ]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class PixelDecoder(nn.Module):
+    """Backbone features -> (mask features at stride 4, [stride 32, 16, 8] features for the decoder)."""
+
+    def __init__(self, cfg: Mask2FormerConfig):
+        super().__init__()
+        dim = cfg.feature_size
+        channels = cfg.backbone.stage_channels  # strides 4, 8, 16, 32
+        self.level_embed = nn.Parameter(torch.zeros(NUM_LEVELS, dim))
+        # input_proj[l] projects level l (stride 32, 16, 8).
+        self.input_proj = nn.ModuleList(conv_norm(c, dim, 1, bias=True) for c in channels[::-1][:NUM_LEVELS])
+        self.encoder = nn.ModuleList(
+            EncoderLayer(dim, cfg.num_attention_heads, cfg.encoder_feedforward_dim)
+            for _ in range(cfg.encoder_layers)
+        )
+        # FPN from stride 8 down to the common stride 4: one lateral and one output conv.
+        self.lateral = conv_norm(channels[0], dim, 1, bias=False)
+        self.output = conv_norm(dim, dim, 3, bias=False, relu=True)
+        self.mask_proj = nn.Conv2d(dim, cfg.mask_feature_size, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """features: backbone maps at strides 4, 8, 16, 32.
+
+        Returns mask features (B, mask_dim, H/4, W/4) and [(B, C, H/32, W/32), (.., H/16, ..), (.., H/8, ..)].
+        """
+        levels = features[::-1][:NUM_LEVELS]  # strides 32, 16, 8
+        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in levels]
+        device = levels[0].device
+        b = levels[0].shape[0]
+        dim = self.level_embed.shape[1]
+        x = torch.cat([proj(f).flatten(2) for proj, f in zip(self.input_proj, levels)], dim=2).transpose(1, 2)
+        pos = torch.cat(
+            [
+                sine_position_embedding(h, w, dim // 2, device).flatten(1).T + self.level_embed[lvl]
+                for lvl, (h, w) in enumerate(shapes)
+            ]
+        )[None]  # (1, S, C)
+        reference = torch.cat([_reference_points(h, w, device) for h, w in shapes])  # (S, 2)
+        for layer in self.encoder:
+            x = layer(x, pos, reference, shapes)  # (B, S, C)
+        outs = [
+            t.transpose(1, 2).reshape(b, dim, h, w)
+            for t, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
+        lateral = self.lateral(features[0])  # (B, C, H/4, W/4)
+        fpn = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+        fpn = self.output(fpn)
+        return self.mask_proj(fpn), outs
+
+
+def _reference_points(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(H*W, 2) pixel centres (x, y) normalized to [0, 1]."""
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=1)

@@ -1,0 +1,172 @@
+"""Masked-attention transformer decoder with the class and mask prediction heads.
+
+Layer i cross-attends level ``i % 3`` (strides 32, 16, 8) and each query may only look where its mask
+from the previous prediction has sigmoid >= 0.5; a query blocked everywhere attends everywhere. The first
+mask comes from the learnable query features before layer 0. The mask is built with elementwise ops only
+(no boolean indexing, no ``.item()``) so the module traces and exports.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mask2former.config import Mask2FormerConfig
+from mask2former.pixel_decoder import NUM_LEVELS, sine_position_embedding
+
+
+class Prediction(NamedTuple):
+    class_logits: torch.Tensor  # (B, Q, K+1)
+    mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
+
+
+def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Where each query may attend at a feature level: (B, Q, H/4, W/4) -> bool (B, 1, Q, h*w).
+
+    True means attend. Blocked pixels have sigmoid(logit) < 0.5 after bilinear resizing to ``size``;
+    rows blocked everywhere are opened fully.
+    """
+    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    attend = resized.sigmoid().flatten(2) >= 0.5  # (B, Q, h*w)
+    anywhere = attend.any(dim=-1, keepdim=True)  # (B, Q, 1)
+    return (attend | ~anywhere).unsqueeze(1)
+
+
+class MultiheadAttention(nn.Module):
+    """Attention with separate query/key/value inputs and fused in-projection weights (3C, C)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query (B, Q, C), key/value (B, S, C), mask bool (B, 1, Q, S) True = attend -> (B, Q, C)."""
+        b, nq, c = query.shape
+        w, bias = self.in_proj_weight, self.in_proj_bias
+        d = c // self.heads
+        if key is query:  # self-attention: one projection for q and k
+            qk = (
+                F.linear(query, w[: 2 * c], bias[: 2 * c])
+                .view(b, nq, 2, self.heads, d)
+                .permute(2, 0, 3, 1, 4)
+            )
+            q, k = qk.unbind(0)  # (B, heads, Q, d)
+        else:
+            q = F.linear(query, w[:c], bias[:c]).view(b, nq, self.heads, d).transpose(1, 2)
+            k = F.linear(key, w[c : 2 * c], bias[c : 2 * c]).view(b, -1, self.heads, d).transpose(1, 2)
+        v = F.linear(value, w[2 * c :], bias[2 * c :]).view(b, -1, self.heads, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Q, d)
+        return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))
+
+
+class DecoderLayer(nn.Module):
+    """Masked cross-attention, then self-attention, then FFN (post-norm unless ``pre_norm``)."""
+
+    def __init__(self, dim: int, heads: int, ffn: int, pre_norm: bool):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.cross_attn = MultiheadAttention(dim, heads)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.self_attn = MultiheadAttention(dim, heads)
+        self.norm_self = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.norm_ffn = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """x (B, Q, C); query_pos (Q, C); memory (B, S, C); memory_pos (S, C); mask (B, 1, Q, S)."""
+        if self.pre_norm:
+            y = self.norm_cross(x)
+            x = x + self.cross_attn(y + query_pos, memory + memory_pos, memory, mask)
+            y = self.norm_self(x)
+            q = y + query_pos
+            x = x + self.self_attn(q, q, y)
+            return x + self.fc2(F.relu(self.fc1(self.norm_ffn(x))))
+        x = self.norm_cross(x + self.cross_attn(x + query_pos, memory + memory_pos, memory, mask))
+        y = x + query_pos
+        x = self.norm_self(x + self.self_attn(y, y, x))
+        return self.norm_ffn(x + self.fc2(F.relu(self.fc1(x))))
+
+
+class MaskHead(nn.Module):
+    """3-layer MLP producing per-query mask embeddings."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, out_dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, cfg: Mask2FormerConfig):
+        super().__init__()
+        dim = cfg.hidden_dim
+        self.query_feat = nn.Parameter(torch.zeros(cfg.num_queries, dim))
+        self.query_pos = nn.Parameter(torch.zeros(cfg.num_queries, dim))
+        self.level_embed = nn.Parameter(torch.zeros(NUM_LEVELS, dim))
+        project = cfg.feature_size != dim or cfg.enforce_input_projection
+        self.input_proj = nn.ModuleList(
+            nn.Conv2d(cfg.feature_size, dim, 1) if project else nn.Identity() for _ in range(NUM_LEVELS)
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim, cfg.num_attention_heads, cfg.dim_feedforward, cfg.pre_norm)
+            for _ in range(cfg.decoder_layers)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.class_head = nn.Linear(dim, cfg.num_labels + 1)
+        self.mask_head = MaskHead(dim, cfg.mask_feature_size)
+
+    def predict(self, x: torch.Tensor, mask_features: torch.Tensor) -> Prediction:
+        """Class and mask logits from queries (B, Q, C) and mask features (B, C_m, H/4, W/4)."""
+        x = self.norm(x)
+        embed = self.mask_head(x)  # (B, Q, C_m)
+        masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features)  # (B, Q, H/4, W/4)
+        return Prediction(self.class_head(x), masks)
+
+    def forward(
+        self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, all_layers: bool = False
+    ) -> list[Prediction]:
+        """multi_scale: [(B, C, h_l, w_l)] for strides 32, 16, 8.
+
+        Returns the final prediction, or with ``all_layers`` one prediction per step (the first from the
+        learnable queries, then one after each layer; the last is the model output).
+        """
+        b = mask_features.shape[0]
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
+        dim = self.query_feat.shape[1]
+        memory, memory_pos = [], []
+        for lvl, f in enumerate(multi_scale):
+            memory.append(
+                self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl]
+            )  # (B, S, C)
+            memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device).flatten(1).T)  # (S, C)
+        x = self.query_feat.unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
+        pred = self.predict(x, mask_features)
+        preds = [pred]
+        for i, layer in enumerate(self.layers):
+            lvl = i % NUM_LEVELS
+            mask = attention_mask(pred.mask_logits, sizes[lvl])  # (B, 1, Q, S)
+            x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], mask)
+            pred = self.predict(x, mask_features)
+            preds.append(pred)
+        return preds if all_layers else [pred]

@@ -1,0 +1,211 @@
+"""Loading HF Mask2Former checkpoints into :class:`~mask2former.mask2former.Mask2Former`.
+
+:func:`convert_hf_state_dict` is a pure key mapping: it renames HF keys to ours, fuses the Swin and
+decoder self-attention q/k/v projections into one weight, and raises :class:`CheckpointMismatch` naming
+every missing, unused or mis-shaped key. Both HF layouts are accepted: the one ``transformers`` 4.x wrote
+(the public hub checkpoints: ``attention.self.query``, ``intermediate.dense``, ...) and the 5.x one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from mask2former.config import Mask2FormerConfig, read_config
+from mask2former.mask2former import Mask2Former
+
+_PIX = r"^model\.pixel_level_module\."
+_TRF = r"^model\.transformer_module\."
+_BLOCK = _PIX + r"encoder\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
+_PDEC = _PIX + r"decoder\.encoder\.layers\.(\d+)\."
+_TDEC = _TRF + r"decoder\.layers\.(\d+)\."
+
+# transformers 4.x names -> 5.x names (applied first, in order).
+_LEGACY: list[tuple[str, str]] = [
+    (_PIX + r"encoder\.(embeddings|encoder)\.", r"model.pixel_level_module.encoder.swin.\1."),
+    (r"\.attention\.self\.query\.", ".attention.q_proj."),
+    (r"\.attention\.self\.key\.", ".attention.k_proj."),
+    (r"\.attention\.self\.value\.", ".attention.v_proj."),
+    (r"\.attention\.self\.relative_position_bias_table$", ".attention.relative_position_bias.relative_position_bias_table"),
+    (r"\.attention\.self\.relative_position_index$", ".attention.relative_position_index"),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"(\.blocks\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+    (r"(\.blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+]  # fmt: skip
+
+# Keys that hold no weights we use: the loss's class weights, Swin's index buffers (recomputed from the
+# window size) and the final norm of HF's SwinModel, whose output the backbone does not use.
+_IGNORED = [
+    re.compile(r"^criterion\.empty_weight$"),
+    re.compile(r"\.relative_position_index$"),
+    re.compile(_PIX + r"encoder\.swin\.layernorm\.(weight|bias)$"),
+]
+
+Rename = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
+
+
+def _rules(table: list[tuple[str, str | Callable[[re.Match[str]], str]]]) -> list[Rename]:
+    return [(re.compile(p), r) for p, r in table]
+
+
+# One-to-one renames: HF 5.x key -> our key.
+_RENAMES = _rules([
+    (_PIX + r"encoder\.swin\.embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"backbone.patch_embed.proj.\1"),
+    (_PIX + r"encoder\.swin\.embeddings\.norm\.(weight|bias)$", r"backbone.patch_embed.norm.\1"),
+    (_BLOCK + r"layernorm_before\.(weight|bias)$", r"backbone.stages.\1.blocks.\2.norm1.\3"),
+    (_BLOCK + r"layernorm_after\.(weight|bias)$", r"backbone.stages.\1.blocks.\2.norm2.\3"),
+    (_BLOCK + r"attention\.o_proj\.(weight|bias)$", r"backbone.stages.\1.blocks.\2.attn.proj.\3"),
+    (_BLOCK + r"attention\.relative_position_bias\.relative_position_bias_table$",
+     r"backbone.stages.\1.blocks.\2.attn.relative_position_bias_table"),
+    (_BLOCK + r"mlp\.(fc1|fc2)\.(weight|bias)$", r"backbone.stages.\1.blocks.\2.mlp.\3.\4"),
+    (_PIX + r"encoder\.swin\.encoder\.layers\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)$",
+     r"backbone.stages.\1.downsample.\2.\3"),
+    (_PIX + r"encoder\.hidden_states_norms\.stage(\d)\.(weight|bias)$",
+     lambda m: f"backbone.out_norms.{int(m[1]) - 1}.{m[2]}"),
+    (_PIX + r"decoder\.level_embed$", "pixel_decoder.level_embed"),
+    (_PIX + r"decoder\.input_projections\.(\d)\.([01])\.(weight|bias)$", r"pixel_decoder.input_proj.\1.\2.\3"),
+    (_PDEC + r"self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)$",
+     r"pixel_decoder.encoder.\1.self_attn.\2.\3"),
+    (_PDEC + r"self_attn_layer_norm\.(weight|bias)$", r"pixel_decoder.encoder.\1.norm1.\2"),
+    (_PDEC + r"(fc1|fc2)\.(weight|bias)$", r"pixel_decoder.encoder.\1.\2.\3"),
+    (_PDEC + r"final_layer_norm\.(weight|bias)$", r"pixel_decoder.encoder.\1.norm2.\2"),
+    (_PIX + r"decoder\.mask_projection\.(weight|bias)$", r"pixel_decoder.mask_proj.\1"),
+    (_PIX + r"decoder\.adapter_1\.([01])\.(weight|bias)$", r"pixel_decoder.lateral.\1.\2"),
+    (_PIX + r"decoder\.layer_1\.([01])\.(weight|bias)$", r"pixel_decoder.output.\1.\2"),
+    (_TRF + r"queries_embedder\.weight$", "decoder.query_pos"),
+    (_TRF + r"queries_features\.weight$", "decoder.query_feat"),
+    (_TRF + r"level_embed\.weight$", "decoder.level_embed"),
+    (_TRF + r"input_projections\.(\d)\.(weight|bias)$", r"decoder.input_proj.\1.\2"),
+    (_TDEC + r"cross_attn\.in_proj_(weight|bias)$", r"decoder.layers.\1.cross_attn.in_proj_\2"),
+    (_TDEC + r"(cross_attn|self_attn)\.out_proj\.(weight|bias)$", r"decoder.layers.\1.\2.out_proj.\3"),
+    (_TDEC + r"cross_attn_layer_norm\.(weight|bias)$", r"decoder.layers.\1.norm_cross.\2"),
+    (_TDEC + r"self_attn_layer_norm\.(weight|bias)$", r"decoder.layers.\1.norm_self.\2"),
+    (_TDEC + r"final_layer_norm\.(weight|bias)$", r"decoder.layers.\1.norm_ffn.\2"),
+    (_TDEC + r"(fc1|fc2)\.(weight|bias)$", r"decoder.layers.\1.\2.\3"),
+    (_TRF + r"decoder\.layernorm\.(weight|bias)$", r"decoder.norm.\1"),
+    (_TRF + r"decoder\.mask_predictor\.mask_embedder\.(\d)\.0\.(weight|bias)$", r"decoder.mask_head.layers.\1.\2"),
+    (r"^class_predictor\.(weight|bias)$", r"decoder.class_head.\1"),
+])  # fmt: skip
+
+# Separate q/k/v projections fused into one (3C, C) weight, in q, k, v order. Group "part" is q, k or v.
+_FUSES = _rules([
+    (_BLOCK + r"attention\.(?P<part>[qkv])_proj\.(weight|bias)$", r"backbone.stages.\1.blocks.\2.attn.qkv.\4"),
+    (_TDEC + r"self_attn\.(?P<part>[qkv])_proj\.(weight|bias)$", r"decoder.layers.\1.self_attn.in_proj_\3"),
+])  # fmt: skip
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint does not fit the model; the message lists every offending key."""
+
+    def __init__(self, missing: list[str], unused: list[str], misshaped: list[str]):
+        self.missing, self.unused, self.misshaped = missing, unused, misshaped
+        parts = []
+        for title, keys in (("missing", missing), ("unused", unused), ("mis-shaped", misshaped)):
+            if keys:
+                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
+        super().__init__("checkpoint does not match the model config; " + "\n".join(parts))
+
+
+def _legacy_to_current(key: str) -> str:
+    for pattern, repl in _LEGACY:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _substitute(match: re.Match[str], repl: str | Callable[[re.Match[str]], str]) -> str:
+    return repl(match) if callable(repl) else match.expand(repl)
+
+
+def convert_hf_state_dict(
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]
+) -> dict[str, torch.Tensor]:
+    """Map an HF ``Mask2FormerForUniversalSegmentation`` state dict onto our parameter names.
+
+    Args:
+        state: the checkpoint's tensors by HF key (4.x or 5.x layout).
+        expected: our parameter shapes by key (``{k: v.shape for k, v in model.state_dict().items()}``).
+    Returns:
+        Our state dict, exactly the keys of ``expected``.
+    Raises:
+        CheckpointMismatch: naming every expected key not produced, checkpoint key not used, and tensor
+            whose shape differs from ``expected``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}  # our key -> HF key(s) it came from, for error messages
+    fused: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    unused: list[str] = []
+    for original, tensor in state.items():
+        key = _legacy_to_current(original)
+        if any(p.search(key) for p in _IGNORED):
+            continue
+        for pattern, repl in _FUSES:
+            if m := pattern.match(key):
+                fused.setdefault(_substitute(m, repl), {})[m["part"]] = (original, tensor)
+                break
+        else:
+            for pattern, repl in _RENAMES:
+                if m := pattern.match(key):
+                    target = _substitute(m, repl)
+                    if target in out:
+                        unused.append(f"{original} (duplicates {sources[target]})")
+                    else:
+                        out[target], sources[target] = tensor, original
+                    break
+            else:
+                unused.append(original)
+    for target, parts in fused.items():
+        if set(parts) != {"q", "k", "v"}:
+            unused.extend(f"{src} (its q/k/v siblings are missing)" for src, _ in parts.values())
+            continue
+        out[target] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
+        sources[target] = "+".join(parts[p][0] for p in "qkv")
+    missing = sorted(k for k in expected if k not in out)
+    unused.extend(f"{sources[k]} (-> {k}, not in the model)" for k in out if k not in expected)
+    misshaped = sorted(
+        f"{sources[k]} -> {k}: checkpoint {tuple(t.shape)}, model {tuple(expected[k])}"
+        for k, t in out.items()
+        if k in expected and tuple(t.shape) != tuple(expected[k])
+    )
+    if missing or unused or misshaped:
+        raise CheckpointMismatch(missing, sorted(unused), misshaped)
+    return out
+
+
+def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an HF checkpoint folder: ``model.safetensors`` (sharded too) or ``pytorch_model.bin``."""
+    folder = Path(folder)
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return load_file(single)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(folder / shard))
+        return state
+    binary = folder / "pytorch_model.bin"
+    if binary.is_file():
+        return torch.load(binary, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Mask2Former:
+    """Build the model from an HF checkpoint folder and load its weights; returned in eval mode.
+
+    The config (labels, thing/stuff flags, preprocessing) is on ``model.config``.
+    """
+    cfg: Mask2FormerConfig = read_config(path)
+    model = Mask2Former(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = convert_hf_state_dict(read_hf_state_dict(path), expected)
+    model.load_state_dict(state, strict=True)
+    return model.eval().to(device)
