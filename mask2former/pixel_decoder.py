@@ -93,9 +93,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
         normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
-        locations = (
-            reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        )
+        locations = reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
 
 
@@ -135,8 +133,7 @@ class PixelDecoder(nn.Module):
         # input_proj[l] projects level l (stride 32, 16, 8).
         self.input_proj = nn.ModuleList(conv_norm(c, dim, 1, bias=True) for c in channels[::-1][:NUM_LEVELS])
         self.encoder = nn.ModuleList(
-            EncoderLayer(dim, cfg.num_attention_heads, cfg.encoder_feedforward_dim)
-            for _ in range(cfg.encoder_layers)
+            EncoderLayer(dim, cfg.num_attention_heads, cfg.encoder_feedforward_dim) for _ in range(cfg.encoder_layers)
         )
         # FPN from stride 8 down to the common stride 4: one lateral and one output conv.
         self.lateral = conv_norm(channels[0], dim, 1, bias=False)

@@ -153,9 +153,7 @@ class SwinStage(nn.Module):
         """(B, H, W, C) -> (stage output (B, H, W, C), input of the next stage)."""
         h, w = x.shape[1], x.shape[2]
         hp, wp = h + (-h) % self.window, w + (-w) % self.window
-        shift_mask = (
-            shifted_window_mask(hp, wp, self.window, self.shift, x.device) if len(self.blocks) > 1 else None
-        )
+        shift_mask = shifted_window_mask(hp, wp, self.window, self.shift, x.device) if len(self.blocks) > 1 else None
         for block in self.blocks:
             x = block(x, shift_mask)
         return x, (self.downsample(x) if self.downsample is not None else x)

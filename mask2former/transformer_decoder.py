@@ -54,11 +54,7 @@ class MultiheadAttention(nn.Module):
         w, bias = self.in_proj_weight, self.in_proj_bias
         d = c // self.heads
         if key is query:  # self-attention: one projection for q and k
-            qk = (
-                F.linear(query, w[: 2 * c], bias[: 2 * c])
-                .view(b, nq, 2, self.heads, d)
-                .permute(2, 0, 3, 1, 4)
-            )
+            qk = F.linear(query, w[: 2 * c], bias[: 2 * c]).view(b, nq, 2, self.heads, d).permute(2, 0, 3, 1, 4)
             q, k = qk.unbind(0)  # (B, heads, Q, d)
         else:
             q = F.linear(query, w[:c], bias[:c]).view(b, nq, self.heads, d).transpose(1, 2)
@@ -156,9 +152,7 @@ class TransformerDecoder(nn.Module):
         dim = self.query_feat.shape[1]
         memory, memory_pos = [], []
         for lvl, f in enumerate(multi_scale):
-            memory.append(
-                self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl]
-            )  # (B, S, C)
+            memory.append(self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl])  # (B, S, C)
             memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device).flatten(1).T)  # (S, C)
         x = self.query_feat.unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
         pred = self.predict(x, mask_features)

@@ -193,9 +193,7 @@ def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     binary = folder / "pytorch_model.bin"
     if binary.is_file():
         return torch.load(binary, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-    )
+    raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Mask2Former:
