@@ -1,0 +1,92 @@
+"""The ``transformers`` reference model, with random weights, for parity tests and benchmarks.
+
+``transformers`` is a development dependency only; this module imports it lazily. Nothing here
+downloads anything: architectures are built from their hyper-parameters and saved with
+``save_pretrained`` into a local folder that :func:`mask2former.load_model` then reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Hyper-parameters of the public checkpoints' architectures (facebook/mask2former-swin-*).
+SWIN = {
+    "tiny": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+    "small": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
+    "base": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12},
+    "large": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12},
+}
+DATASETS = {"coco-panoptic": 133, "coco-instance": 80, "ade-semantic": 150, "cityscapes-semantic": 19}
+
+# A tiny architecture for fast tests: hidden 64, 2 decoder layers, 10 queries.
+TINY: dict[str, Any] = {
+    "backbone": {"embed_dim": 32, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 4},
+    "num_labels": 5,
+    "num_queries": 10,
+    "hidden_dim": 64,
+    "feature_size": 64,
+    "mask_feature_size": 64,
+    "encoder_layers": 2,
+    "encoder_feedforward_dim": 128,
+    "decoder_layers": 3,  # HF counting: 2 masked-attention layers
+    "dim_feedforward": 128,
+    "num_attention_heads": 4,
+}
+
+
+def architecture(backbone: str = "tiny", dataset: str = "coco-panoptic") -> dict[str, Any]:
+    """Hyper-parameters of a public checkpoint's architecture, in :func:`hf_model`'s format."""
+    queries = 200 if backbone == "large" else 100
+    return {"backbone": SWIN[backbone], "num_labels": DATASETS[dataset], "num_queries": queries}
+
+
+def hf_model(arch: dict[str, Any], seed: int = 0, id2label: dict[int, str] | None = None):
+    """A ``Mask2FormerForUniversalSegmentation`` with the given hyper-parameters and random weights.
+
+    Every parameter is redrawn (HF's init leaves many at zero or one), so that parity tests exercise all
+    of them: weights ~ N(0, 1/fan_in), norms around one, biases and embeddings small but non-zero.
+    """
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+
+    arch = dict(arch)
+    backbone = SwinConfig(**arch.pop("backbone"), out_features=["stage1", "stage2", "stage3", "stage4"])
+    num_labels = arch.pop("num_labels")
+    id2label = id2label or {i: f"class_{i}" for i in range(num_labels)}
+    cfg = Mask2FormerConfig(
+        backbone_config=backbone, id2label=id2label, label2id={v: k for k, v in id2label.items()}, **arch
+    )
+    torch.manual_seed(seed)
+    model = Mask2FormerForUniversalSegmentation(cfg).eval()
+    randomize_(model, seed)
+    return model
+
+
+_EMBEDDINGS = ("level_embed", "level_embed.weight", "queries_embedder.weight", "queries_features.weight")
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            fan_in = 1 if name.endswith(_EMBEDDINGS) else p[0].numel()
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    # Centre the mask logits on zero and widen them, so that masked attention blocks a real share of
+    # each query's pixels (with the draw above nearly every pixel would be open).
+    pixel_decoder = model.model.pixel_level_module.decoder
+    pixel_decoder.mask_projection.bias.zero_()
+    pixel_decoder.mask_projection.weight.mul_(4.0)
+
+
+def save_hf_checkpoint(arch: dict[str, Any], folder: str | Path, seed: int = 0) -> Path:
+    """Write a random-weight HF checkpoint (``config.json`` + ``model.safetensors``) and return its folder."""
+    folder = Path(folder)
+    hf_model(arch, seed).save_pretrained(folder)
+    return folder
