@@ -56,18 +56,20 @@ def ms_deform_attn(
         (B, Sq, heads*d)
     """
     b, _, heads, d = value.shape
-    _, sq, _, levels, points, _ = locations.shape
+    _, sq, _, _, points, _ = locations.shape
     grids = 2 * locations - 1
     per_level = value.split([h * w for h, w in shapes], dim=1)
-    sampled = []
+    out = None
+    # One level at a time: sample, weight and sum over points, accumulate. Never materializes the
+    # (B*heads, d, Sq, L*P) stack of all samples.
     for lvl, (h, w) in enumerate(shapes):
         v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * heads, d, h, w)  # (B*heads, d, H, W)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, sq, points, 2)  # (B*heads, Sq, P, 2)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    s = torch.stack(sampled, dim=-2).flatten(-2)  # (B*heads, d, Sq, L*P)
-    a = weights.transpose(1, 2).reshape(b * heads, 1, sq, levels * points)  # (B*heads, 1, Sq, L*P)
-    out = (s * a).sum(-1).view(b, heads * d, sq)  # (B, heads*d, Sq)
-    return out.transpose(1, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*heads, d, Sq, P)
+        a = weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, 1, sq, points)  # (B*heads, 1, Sq, P)
+        level_out = (sampled * a).sum(-1)  # (B*heads, d, Sq)
+        out = level_out if out is None else out + level_out
+    return out.view(b, heads * d, sq).transpose(1, 2)  # (B, Sq, heads*d)
 
 
 class MSDeformAttn(nn.Module):
