@@ -139,6 +139,18 @@ class TransformerDecoder(nn.Module):
         masks = torch.einsum("bqc,bchw->bqhw", embed, mask_features)  # (B, Q, H/4, W/4)
         return Prediction(self.class_head(x), masks)
 
+    def memory(
+        self, multi_scale: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Per level: keys/values (B, S, C) with the level embedding, positions (S, C), and (h, w)."""
+        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
+        dim = self.query_feat.shape[1]
+        memory, memory_pos = [], []
+        for lvl, f in enumerate(multi_scale):
+            memory.append(self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl])  # (B, S, C)
+            memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device).flatten(1).T)  # (S, C)
+        return memory, memory_pos, sizes
+
     def forward(
         self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, all_layers: bool = False
     ) -> list[Prediction]:
@@ -148,12 +160,7 @@ class TransformerDecoder(nn.Module):
         learnable queries, then one after each layer; the last is the model output).
         """
         b = mask_features.shape[0]
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
-        dim = self.query_feat.shape[1]
-        memory, memory_pos = [], []
-        for lvl, f in enumerate(multi_scale):
-            memory.append(self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl])  # (B, S, C)
-            memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device).flatten(1).T)  # (S, C)
+        memory, memory_pos, sizes = self.memory(multi_scale)
         x = self.query_feat.unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
         pred = self.predict(x, mask_features)
         preds = [pred]
