@@ -1,0 +1,241 @@
+"""Image loading and preprocessing (decode -> RGB -> resize -> normalize -> pad), in numpy and PIL only.
+
+No torch here: the ONNX Runtime serving path runs without it. The resize rule and the normalization are
+those of the public checkpoints (detectron2 ``ResizeShortestEdge`` + ImageNet mean/std in the 0..255
+scale); the output size of the resize is computed exactly as HF's ``Mask2FormerImageProcessor`` does.
+One thing we do differently from HF on purpose: HF stretches every image up to a multiple of
+``size_divisor`` when it resizes; we keep the aspect-ratio-preserving size and pad the remainder with
+zeros (as detectron2 does), and report the size of the image inside the padded tensor so that
+post-processing can crop the padding away.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mask2former.config import PreprocessConfig
+
+ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO
+
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class Batch(NamedTuple):
+    pixel_values: np.ndarray  # (B, 3, Hp, Wp) float32, zero-padded bottom/right
+    resized_sizes: list[tuple[int, int]]  # (h, w) of each image inside the padded tensor
+    original_sizes: list[tuple[int, int]]  # (H, W) of each image as given
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode an image into an RGB ``PIL.Image``.
+
+    EXIF orientation is applied first; animated images give their first frame; every PIL mode is turned
+    into 8-bit RGB (alpha composited onto white, 16-bit grey scaled by 255/65535, float grey in 0..1
+    scaled by 255 and otherwise clipped to 0..255).
+
+    Args:
+        source: a path, the encoded bytes, or a binary file object.
+
+    Raises:
+        ValueError: the image has zero width or height.
+        PIL.UnidentifiedImageError: the data is not an image PIL can read.
+        OSError: the data is truncated or otherwise cannot be decoded.
+    """
+    if isinstance(source, (str, Path)):
+        data = Path(source).read_bytes()
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        data = source.read()
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # Pillow refuses zero-size images as "not an image"; say what is wrong when the header tells us.
+        declared = _declared_size(data)
+        if declared is not None and 0 in declared:
+            raise ValueError(f"zero-size image ({declared[0]}x{declared[1]})") from None
+        raise
+    with img:
+        if img.width == 0 or img.height == 0:
+            raise ValueError(f"zero-size image ({img.width}x{img.height})")
+        img.seek(0)  # animated images: the first frame
+        img = ImageOps.exif_transpose(img)  # a loaded copy, transposed when the EXIF says so
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (see :func:`load_image` for the rules)."""
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"zero-size image ({img.width}x{img.height})")
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.int64)
+        # "I" is what 16-bit files decode to in some Pillow versions: read it as 16-bit too.
+        grey = np.clip(grey, 0, 65535)
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return Image.fromarray(grey8, mode="L").convert("RGB")
+    if mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if grey.size and grey.min() >= 0.0 and grey.max() <= 1.0:
+            grey = grey * 255.0
+        grey8 = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey8, mode="L").convert("RGB")
+    has_alpha = "A" in img.getbands() or "a" in img.getbands() or "transparency" in img.info
+    try:
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"cannot convert image mode {mode!r} to RGB: {e}") from e
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header of a PNG, GIF, BMP, JPEG or WebP; None when unknown."""
+    try:
+        if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data.startswith(b"BM"):
+            header_size = struct.unpack("<I", data[14:18])[0]
+            if header_size == 12:  # OS/2 BITMAPCOREHEADER
+                return struct.unpack("<HH", data[18:22])
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+            kind = data[12:16]
+            if kind == b"VP8 ":
+                w, h = struct.unpack("<HH", data[26:30])
+                return w & 0x3FFF, h & 0x3FFF
+            if kind == b"VP8L":
+                bits = int.from_bytes(data[21:25], "little")
+                return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+            if kind == b"VP8X":
+                return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+        if data.startswith(b"\xff\xd8"):
+            i = 2
+            while i + 9 <= len(data):
+                if data[i] != 0xFF:
+                    return None
+                marker = data[i + 1]
+                if marker == 0xFF:  # fill byte
+                    i += 1
+                    continue
+                if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+                    i += 2
+                    continue
+                length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+                if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # start of frame
+                    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+                    return w, h
+                i += 2 + length
+    except struct.error:
+        return None
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- resize
+def resize_shape(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    """Output (height, width) of the shortest-edge resize.
+
+    The shorter side becomes ``shortest_edge`` unless the longer side would then exceed ``longest_edge``
+    (0: no limit); in that case the longer side becomes (about) ``longest_edge``. Either side is at least
+    1. The arithmetic (float
+    products, Python's round-half-even for the short side, truncation for the long side) is the one of
+    HF's ``Mask2FormerImageProcessor`` so that both give the same integer sizes.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    short, long = (height, width) if height <= width else (width, height)
+    target = shortest_edge
+    capped = None  # the short side, unrounded, when the long side hits the limit
+    if longest_edge and long / short * target > longest_edge:
+        capped = longest_edge * short / long
+        target = int(round(capped))
+    if short == target:
+        return height, width
+    scale_from = capped if capped is not None else target
+    new_long = int(scale_from * long / short)
+    # Extreme aspect ratios can round the short side to 0 (where HF would fail): keep at least 1 pixel.
+    target, new_long = max(target, 1), max(new_long, 1)
+    return (target, new_long) if height <= width else (new_long, target)
+
+
+# ---------------------------------------------------------------------------------------------- batch
+def preprocess(
+    images: list[Image.Image | np.ndarray],
+    cfg: PreprocessConfig,
+    pad_to: tuple[int, int] | None = None,
+) -> Batch:
+    """Resize, normalize and pad a list of images into one float32 batch.
+
+    Args:
+        images: RGB ``PIL.Image`` (other modes are converted with :func:`to_rgb`) or (H, W, 3) uint8 arrays.
+        cfg: resize sizes, mean/std in the 0..255 scale, and the size divisor.
+        pad_to: pad to this (height, width) instead of the batch's largest size rounded up to a multiple
+            of ``cfg.size_divisor`` (the server buckets shapes). Must hold every resized image.
+
+    Returns:
+        A :class:`Batch`; padding (bottom/right) is 0, i.e. the mean colour.
+    """
+    if not images:
+        raise ValueError("preprocess needs at least one image")
+    resized: list[np.ndarray] = []
+    original_sizes: list[tuple[int, int]] = []
+    for img in images:
+        pil = _as_rgb_pil(img)
+        w, h = pil.size
+        new_h, new_w = resize_shape(h, w, cfg.shortest_edge, cfg.longest_edge)
+        if (new_h, new_w) != (h, w):
+            pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        original_sizes.append((h, w))
+        resized.append(np.asarray(pil))  # (h, w, 3) uint8
+
+    resized_sizes = [(a.shape[0], a.shape[1]) for a in resized]
+    div = max(cfg.size_divisor, 1)
+    if pad_to is None:
+        max_h = max(s[0] for s in resized_sizes)
+        max_w = max(s[1] for s in resized_sizes)
+        pad_h, pad_w = -(-max_h // div) * div, -(-max_w // div) * div
+    else:
+        pad_h, pad_w = int(pad_to[0]), int(pad_to[1])
+        if pad_h % div or pad_w % div:
+            raise ValueError(f"pad_to {pad_to} is not a multiple of size_divisor {div}")
+        too_big = [s for s in resized_sizes if s[0] > pad_h or s[1] > pad_w]
+        if too_big:
+            raise ValueError(f"pad_to {pad_to} is smaller than resized image(s) {too_big}")
+
+    # One look-up table per channel: (v - mean) / std for every uint8 value v, computed in float64.
+    mean = np.asarray(cfg.mean, dtype=np.float64)[:, None]
+    std = np.asarray(cfg.std, dtype=np.float64)[:, None]
+    lut = ((np.arange(256, dtype=np.float64)[None, :] - mean) / std).astype(np.float32)  # (3, 256)
+
+    pixel_values = np.zeros((len(resized), 3, pad_h, pad_w), dtype=np.float32)
+    for i, arr in enumerate(resized):
+        h, w = arr.shape[:2]
+        for c in range(3):
+            pixel_values[i, c, :h, :w] = lut[c][arr[:, :, c]]
+    return Batch(pixel_values, resized_sizes, original_sizes)
+
+
+def _as_rgb_pil(img: Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return to_rgb(img)
+    if isinstance(img, np.ndarray):
+        if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+            raise ValueError(f"arrays must be (H, W, 3) uint8 RGB, got {img.shape} {img.dtype}")
+        if img.shape[0] == 0 or img.shape[1] == 0:
+            raise ValueError(f"zero-size image ({img.shape[1]}x{img.shape[0]})")
+        return Image.fromarray(np.ascontiguousarray(img), mode="RGB")
+    raise TypeError(f"expected a PIL image or a numpy array, got {type(img).__name__}")
