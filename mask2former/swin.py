@@ -78,14 +78,16 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """(B, nW, N, C) windows of N = window² tokens -> same shape. ``mask``: (nW, 1, N, N) or None."""
         b, nw, n, c = x.shape
-        qkv = self.qkv(x).view(b, nw, n, 3, self.heads, c // self.heads).permute(3, 0, 1, 4, 2, 5)
-        q, k, v = qkv.unbind(0)  # each (B, nW, heads, N, d)
+        qkv = self.qkv(x).view(b * nw, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B*nW, heads, N, d)
         bias = self.relative_position_bias_table[self.rel_index].view(n, n, self.heads).permute(2, 0, 1)
         bias = bias.unsqueeze(0)  # (1, heads, N, N)
         if mask is not None:
-            bias = bias + mask  # (nW, heads, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nW, heads, N, d)
-        out = out.transpose(2, 3).reshape(b, nw, n, c)
+            bias = (bias + mask).unsqueeze(0).expand(b, nw, -1, -1, -1).reshape(b * nw, -1, n, n)  # (B*nW, heads, N, N)
+        # 4-D inputs: on the CPU this takes the fused flash-attention kernel (5-D ones fall back to a
+        # kernel ~6x slower).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B*nW, heads, N, d)
+        out = out.transpose(1, 2).reshape(b, nw, n, c)
         return self.proj(out)
 
 
