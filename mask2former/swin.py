@@ -84,8 +84,8 @@ class WindowAttention(nn.Module):
         bias = bias.unsqueeze(0)  # (1, heads, N, N)
         if mask is not None:
             bias = (bias + mask).unsqueeze(0).expand(b, nw, -1, -1, -1).reshape(b * nw, -1, n, n)  # (B*nW, heads, N, N)
-        # 4-D inputs: on the CPU this takes the fused flash-attention kernel (5-D ones fall back to a
-        # kernel ~6x slower).
+        # 4-D inputs: on the CPU this takes the fused flash-attention kernel; 5-D ones fall back to a
+        # kernel ~7x slower (bench/ops.py).
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B*nW, heads, N, d)
         out = out.transpose(1, 2).reshape(b, nw, n, c)
         return self.proj(out)
