@@ -84,18 +84,10 @@ def _predict(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)
     model = load_model(args.weights, device=args.device)
-    if args.shortest_edge or args.longest_edge:
-        from dataclasses import replace
-
-        pre = model.config.preprocess
-        model.config = replace(
-            model.config,
-            preprocess=replace(
-                pre,
-                shortest_edge=args.shortest_edge or pre.shortest_edge,
-                longest_edge=args.longest_edge if args.longest_edge is not None else pre.longest_edge,
-            ),
-        )
+    if args.shortest_edge is not None:
+        model.config = model.config.with_preprocess(shortest_edge=args.shortest_edge)
+    if args.longest_edge is not None:
+        model.config = model.config.with_preprocess(longest_edge=args.longest_edge)
     result = segment_image(
         model, image, args.task, args.threshold, args.overlap_mask_area_threshold, args.max_instances
     )

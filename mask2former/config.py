@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +91,6 @@ class Mask2FormerConfig:
     @property
     def labels(self) -> list[str]:
         return [self.id2label[i] for i in range(self.num_labels)]
-
-    def is_thing(self, label_id: int) -> bool:
-        return label_id in self.thing_ids
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
@@ -195,11 +192,6 @@ class Mask2FormerConfig:
             "dropout": 0.0,
             "activation_function": "relu",
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["thing_ids"] = sorted(self.thing_ids)
-        return d
 
     def with_preprocess(self, **kw: Any) -> Mask2FormerConfig:
         return replace(self, preprocess=replace(self.preprocess, **kw))

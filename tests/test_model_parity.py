@@ -84,7 +84,7 @@ def test_stage_by_stage_parity(models, size_index):
         memory, memory_pos, sizes = decoder.memory(list(r.pixel_decoder_hidden_states))
         ref_queries = [h.transpose(0, 1) for h in r.transformer_decoder_hidden_states]  # each (B, Q, C)
         steps = reference_steps(r)
-        assert len(steps) == len(ref_queries) == decoder_steps(ours)
+        assert len(steps) == len(ref_queries) == ours.config.decoder_layers + 1
         shares = []
         for i, (cls_ref, mask_ref) in enumerate(steps):
             label = "queries" if i == 0 else f"decoder layer {i - 1}"
@@ -101,10 +101,6 @@ def test_stage_by_stage_parity(models, size_index):
     # The comparison is only meaningful if masked attention really masks: some layer must block a
     # substantial share of pixels.
     assert any(0.05 < s < 0.95 for s in shares), f"attended shares per layer {shares}: masking not exercised"
-
-
-def decoder_steps(model) -> int:
-    return model.config.decoder_layers + 1
 
 
 @pytest.mark.parametrize("size_index", [0, 1])
