@@ -1,4 +1,4 @@
-"""The ``m2f`` command line. Subcommands: ``predict`` (export, serve and eval come with later stages)."""
+"""The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU)."""
 
 from __future__ import annotations
 
@@ -119,7 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--longest-edge", type=int, help="override the checkpoint's resize cap (0: none)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.set_defaults(run=_predict)
+
+    p = sub.add_parser("synth", help="write a deterministic synthetic panoptic dataset (COCO formats)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--num-images", type=int, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"), help="image size")
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset written by `m2f synth` (or COCO-style)")
+    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint folder")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder")
+    p.add_argument("--task", choices=TASKS, default="panoptic")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(run=_eval)
     return parser
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from mask2former import synth
+
+    return synth.run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from mask2former import evaluate
+
+    return evaluate.run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
