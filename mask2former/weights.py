@@ -120,6 +120,23 @@ def _substitute(match: re.Match[str], repl: str | Callable[[re.Match[str]], str]
     return repl(match) if callable(repl) else match.expand(repl)
 
 
+def match_hf_key(key: str) -> tuple[str, str | None] | None:
+    """Where an HF key goes in our model: (our key, q/k/v part or None), or None for keys we ignore.
+
+    Raises KeyError for a key no rule knows.
+    """
+    key = _legacy_to_current(key)
+    if any(p.search(key) for p in _IGNORED):
+        return None
+    for pattern, repl in _FUSES:
+        if m := pattern.match(key):
+            return _substitute(m, repl), m["part"]
+    for pattern, repl in _RENAMES:
+        if m := pattern.match(key):
+            return _substitute(m, repl), None
+    raise KeyError(key)
+
+
 def convert_hf_state_dict(
     state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]
 ) -> dict[str, torch.Tensor]:
@@ -139,24 +156,20 @@ def convert_hf_state_dict(
     fused: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unused: list[str] = []
     for original, tensor in state.items():
-        key = _legacy_to_current(original)
-        if any(p.search(key) for p in _IGNORED):
+        try:
+            target = match_hf_key(original)
+        except KeyError:
+            unused.append(original)
             continue
-        for pattern, repl in _FUSES:
-            if m := pattern.match(key):
-                fused.setdefault(_substitute(m, repl), {})[m["part"]] = (original, tensor)
-                break
+        if target is None:
+            continue
+        key, part = target
+        if part is not None:
+            fused.setdefault(key, {})[part] = (original, tensor)
+        elif key in out:
+            unused.append(f"{original} (duplicates {sources[key]})")
         else:
-            for pattern, repl in _RENAMES:
-                if m := pattern.match(key):
-                    target = _substitute(m, repl)
-                    if target in out:
-                        unused.append(f"{original} (duplicates {sources[target]})")
-                    else:
-                        out[target], sources[target] = tensor, original
-                    break
-            else:
-                unused.append(original)
+            out[key], sources[key] = tensor, original
     for target, parts in fused.items():
         if set(parts) != {"q", "k", "v"}:
             unused.extend(f"{src} (its q/k/v siblings are missing)" for src, _ in parts.values())
@@ -172,6 +185,23 @@ def convert_hf_state_dict(
     )
     if missing or unused or misshaped:
         raise CheckpointMismatch(missing, sorted(unused), misshaped)
+    return out
+
+
+def to_hf_state_dict(state: Mapping[str, torch.Tensor], hf_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`convert_hf_state_dict`: our tensors under the given HF keys.
+
+    ``hf_keys`` are the keys of an HF model of the same config (ignored keys, such as the loss's class
+    weights, are left out of the result). Fused q/k/v weights are split back into thirds.
+    """
+    out = {}
+    for hf_key in hf_keys:
+        target = match_hf_key(hf_key)
+        if target is None:
+            continue
+        key, part = target
+        tensor = state[key]
+        out[hf_key] = tensor if part is None else tensor.chunk(3, dim=0)["qkv".index(part)]
     return out
 
 

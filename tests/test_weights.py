@@ -199,3 +199,13 @@ def test_hf_config_round_trip(checkpoint):
     again = Mask2FormerConfig.from_hf_dict(cfg.to_hf_dict())
     assert again.backbone == cfg.backbone
     assert again.decoder_layers == cfg.decoder_layers and again.id2label == cfg.id2label
+
+
+def test_to_hf_state_dict_inverts_the_mapping(hf_state, expected):
+    from mask2former.weights import to_hf_state_dict
+
+    ours = convert_hf_state_dict(hf_state, expected)
+    back = to_hf_state_dict(ours, list(hf_state))
+    assert set(back) == set(hf_state) - {"criterion.empty_weight"}
+    for k, v in back.items():
+        torch.testing.assert_close(v, hf_state[k], rtol=0, atol=0)
