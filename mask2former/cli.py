@@ -42,6 +42,7 @@ def segment_image(
             *args,
             thing_ids=cfg.thing_ids,
             threshold=cfg.threshold if threshold is None else threshold,
+            mask_threshold=cfg.mask_threshold,
             overlap_mask_area_threshold=(
                 cfg.overlap_mask_area_threshold if overlap_mask_area_threshold is None else overlap_mask_area_threshold
             ),
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="segment one image and write the JSON result")
     p.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, TIFF, ...)")
-    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint folder (config.json + weights)")
+    p.add_argument("--weights", type=Path, help="HF checkpoint folder (config.json + weights); default: the demo model")
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--output", "-o", type=Path, help="write the JSON here (default: standard output)")
     p.add_argument("--overlay", type=Path, help="also write a PNG of the segments drawn over the image")
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset written by `m2f synth` (or COCO-style)")
-    p.add_argument("--weights", type=Path, required=True, help="HF checkpoint folder")
+    p.add_argument("--weights", type=Path, help="HF checkpoint folder; default: the demo model")
     p.add_argument("--data", type=Path, required=True, help="dataset folder")
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--batch-size", type=int, default=4)

@@ -14,6 +14,10 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+# Post-processing defaults a checkpoint may carry in its config.json (our keys; HF configs have none).
+POSTPROCESS_KEYS = ("threshold", "mask_threshold", "overlap_mask_area_threshold")
+
+
 @dataclass(frozen=True)
 class SwinConfig:
     """Swin Transformer backbone hyper-parameters (names follow HF ``SwinConfig``)."""
@@ -150,6 +154,7 @@ class Mask2FormerConfig:
             thing_ids=thing_ids,
             preprocess=preprocess_from_hf(preprocessor or {}),
             name=d.get("_name_or_path") or d.get("name") or "mask2former",
+            **{k: float(d[k]) for k in POSTPROCESS_KEYS if k in d},
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -189,6 +194,7 @@ class Mask2FormerConfig:
             "id2label": {str(k): v for k, v in sorted(self.id2label.items())},
             "label2id": {v: k for k, v in sorted(self.id2label.items())},
             "thing_ids": sorted(self.thing_ids),
+            **{k: getattr(self, k) for k in POSTPROCESS_KEYS},
             "dropout": 0.0,
             "activation_function": "relu",
         }

@@ -226,11 +226,17 @@ def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> Mask2Former:
+# The bundled demo model (see weights/demo/README.md), used when no checkpoint is named.
+DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"
+
+
+def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> Mask2Former:
     """Build the model from an HF checkpoint folder and load its weights; returned in eval mode.
 
-    The config (labels, thing/stuff flags, preprocessing) is on ``model.config``.
+    With no ``path``, the bundled demo model. The config (labels, thing/stuff flags, preprocessing) is
+    on ``model.config``.
     """
+    path = DEMO_WEIGHTS if path is None else path
     cfg: Mask2FormerConfig = read_config(path)
     model = Mask2Former(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}

@@ -184,8 +184,10 @@ def test_config_reading(checkpoint, tmp_path):
     )
 
     d["thing_ids"] = [2]  # an explicit list wins over names
+    d["threshold"] = 0.35  # our post-processing defaults travel in config.json
     (tmp_path / "config.json").write_text(json.dumps(d))
     assert read_config(tmp_path).thing_ids == {2}
+    assert read_config(tmp_path).threshold == 0.35 and read_config(tmp_path).overlap_mask_area_threshold == 0.8
 
 
 def test_coco_thing_list_is_complete():
@@ -199,6 +201,7 @@ def test_hf_config_round_trip(checkpoint):
     again = Mask2FormerConfig.from_hf_dict(cfg.to_hf_dict())
     assert again.backbone == cfg.backbone
     assert again.decoder_layers == cfg.decoder_layers and again.id2label == cfg.id2label
+    assert (again.threshold, again.mask_threshold, again.overlap_mask_area_threshold) == (0.8, 0.5, 0.8)
 
 
 def test_to_hf_state_dict_inverts_the_mapping(hf_state, expected):
