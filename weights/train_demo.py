@@ -88,17 +88,17 @@ def make_batch(seed: int, start: int, size: int, cfg: Mask2FormerConfig):
 
 
 class Batches(torch.utils.data.Dataset):
-    """Training batch ``step`` = samples step*B .. step*B+B-1 of the training seed (made in a worker process
-    while the model trains; the content depends on the step only)."""
+    """Training batch ``step`` = samples first+step*B .. first+step*B+B-1 of the training seed (made in a
+    worker process while the model trains; the content depends on the step only)."""
 
-    def __init__(self, seed: int, batch_size: int, steps: int, cfg: Mask2FormerConfig):
-        self.seed, self.batch_size, self.steps, self.cfg = seed, batch_size, steps, cfg
+    def __init__(self, seed: int, batch_size: int, steps: int, cfg: Mask2FormerConfig, first: int = 0):
+        self.seed, self.batch_size, self.steps, self.cfg, self.first = seed, batch_size, steps, cfg, first
 
     def __len__(self) -> int:
         return self.steps
 
     def __getitem__(self, step: int):
-        return make_batch(self.seed, step * self.batch_size, self.batch_size, self.cfg)
+        return make_batch(self.seed, self.first + step * self.batch_size, self.batch_size, self.cfg)
 
 
 def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
@@ -151,6 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training samples")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start from this checkpoint's weights (a second, fine-tuning stage) instead of random ones",
+    )
+    parser.add_argument(
+        "--first-sample",
+        type=int,
+        default=0,
+        help="index of the first training sample (a later stage continues the stream)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--save-every", type=int, default=1000, help="also write the checkpoint every N steps")
@@ -161,8 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = demo_config()
-    model = Mask2Former(cfg)
-    _init_weights(model)
+    if args.init is not None:
+        model = load_model(args.init)
+
+        def architecture(c: Mask2FormerConfig) -> dict:
+            return {k: v for k, v in c.to_hf_dict().items() if k not in POSTPROCESS_KEYS}
+
+        if architecture(model.config) != architecture(cfg):
+            raise SystemExit(f"{args.init} is not the demo architecture")
+        model.config = cfg
+    else:
+        model = Mask2Former(cfg)
+        _init_weights(model)
     criterion = Mask2FormerLoss(hf_config(cfg), weight_dict=LOSS_WEIGHTS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     params = sum(p.numel() for p in model.parameters())
@@ -174,7 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     info |= {"torch": torch.__version__, "image_size": list(IMAGE_SIZE), "loss_weights": LOSS_WEIGHTS}
     start, running = time.perf_counter(), None
     batches = torch.utils.data.DataLoader(
-        Batches(args.seed, args.batch_size, args.steps, cfg), batch_size=None, num_workers=1, prefetch_factor=4
+        Batches(args.seed, args.batch_size, args.steps, cfg, args.first_sample),
+        batch_size=None,
+        num_workers=1,
+        prefetch_factor=4,
     )
     for step, (x, masks, classes) in enumerate(batches):
         for group in optimizer.param_groups:
