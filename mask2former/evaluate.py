@@ -173,7 +173,9 @@ def evaluate(
     """Run ``model`` over the dataset in ``data_dir`` and score ``task``.
 
     Args:
-        model: a :class:`~mask2former.mask2former.Mask2Former` (its ``config`` gives labels and defaults).
+        model: a :class:`~mask2former.mask2former.Mask2Former`, or a runner with ``config`` and
+            ``run(pixel_values) -> (class_logits, mask_logits)`` such as the ONNX Runtime one; its
+            ``config`` gives labels and defaults.
         data_dir: the dataset folder (see the module docstring).
         task: ``"panoptic"`` (PQ/SQ/RQ), ``"instance"`` (mask AP) or ``"semantic"`` (mIoU).
         batch_size: images per forward pass.
@@ -185,7 +187,6 @@ def evaluate(
         :func:`~mask2former.metrics.panoptic_quality`, :func:`~mask2former.metrics.mask_ap` or
         :func:`~mask2former.metrics.mean_iou` return.
     """
-    import torch
     from tqdm import tqdm
 
     from mask2former import postprocess
@@ -206,8 +207,6 @@ def evaluate(
     scorer.images = images
     if not images:
         raise ValueError(f"no images to evaluate in {data_dir}")
-    device = next(model.parameters()).device
-
     with tqdm(total=len(images), desc=f"eval {task}", unit="img", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
@@ -218,9 +217,7 @@ def evaluate(
                         f"{im.file_name} is {pil.size[0]}x{pil.size[1]} but the JSON says {im.width}x{im.height}"
                     )
             batch = preprocess(pil_images, cfg.preprocess)
-            with torch.inference_mode():
-                out = model(torch.from_numpy(batch.pixel_values).to(device))
-            args = (out.class_logits, out.mask_logits, batch.resized_sizes, batch.original_sizes)
+            args = (*_forward(model, batch.pixel_values), batch.resized_sizes, batch.original_sizes)
             if task == "panoptic":
                 results = postprocess.panoptic_segmentation(
                     *args,
@@ -244,6 +241,20 @@ def evaluate(
         "num_images": len(images),
         "metrics": scorer.compute(),
     }
+
+
+def _forward(model, pixel_values: np.ndarray):
+    """(class_logits, mask_logits) from a PyTorch model, or from a runner with ``run(pixel_values)``
+    (such as :class:`service.onnx_runtime.OnnxRunner`), as torch tensors for post-processing."""
+    import torch
+
+    if hasattr(model, "run"):
+        class_logits, mask_logits = model.run(pixel_values)
+        return torch.from_numpy(class_logits), torch.from_numpy(mask_logits)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        out = model(torch.from_numpy(pixel_values).to(device))
+    return out.class_logits, out.mask_logits
 
 
 # ---------------------------------------------------------------------------------------------- report
