@@ -19,15 +19,23 @@ NUM_LEVELS = 3
 NUM_POINTS = 4
 
 
-def sine_position_embedding(h: int, w: int, num_feats: int, device: torch.device) -> torch.Tensor:
+def sine_position_embedding(
+    h: int, w: int, num_feats: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Normalized 2-D sine embedding, (2*num_feats, H, W): y features then x features.
 
     Channel pairs (2i, 2i+1) hold sin/cos of position / 10000^(2i/num_feats), positions scaled to (0, 2pi].
+    ``h`` and ``w`` may be symbolic (export): the normalizer ``n + eps`` is taken from the float32 position
+    tensor itself, so no Python float is computed from a shape (it would become a float64 in ONNX). It
+    rounds to the same float32 as ``float(n) + eps`` for every n < 2^24. Computed in ``dtype`` (float32
+    unless exporting a float16 graph).
     """
     eps, scale = 1e-6, 2 * math.pi
-    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + eps) * scale  # (H,)
-    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + eps) * scale  # (W,)
-    i = torch.arange(num_feats, dtype=torch.float32, device=device)
+    y = torch.arange(1, h + 1, dtype=dtype, device=device)  # (H,) 1..H
+    x = torch.arange(1, w + 1, dtype=dtype, device=device)  # (W,) 1..W
+    y = y / (y[-1] + eps) * scale
+    x = x / (x[-1] + eps) * scale
+    i = torch.arange(num_feats, dtype=dtype, device=device)
     dim_t = 10000 ** (2 * torch.div(i, 2, rounding_mode="floor") / num_feats)  # (F,)
 
     def embed(pos: torch.Tensor) -> torch.Tensor:
@@ -95,7 +103,7 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(b, s, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        normalizer = _level_sizes(shapes, query.device, query.dtype)  # (L, 2) as (W_l, H_l)
         locations = reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
 
@@ -149,18 +157,18 @@ class PixelDecoder(nn.Module):
         Returns mask features (B, mask_dim, H/4, W/4) and [(B, C, H/32, W/32), (.., H/16, ..), (.., H/8, ..)].
         """
         levels = features[::-1][:NUM_LEVELS]  # strides 32, 16, 8
-        shapes = [(int(f.shape[-2]), int(f.shape[-1])) for f in levels]
+        shapes = [(f.shape[-2], f.shape[-1]) for f in levels]  # ints, or symbolic sizes when exporting
         device = levels[0].device
         b = levels[0].shape[0]
         dim = self.level_embed.shape[1]
         x = torch.cat([proj(f).flatten(2) for proj, f in zip(self.input_proj, levels)], dim=2).transpose(1, 2)
         pos = torch.cat(
             [
-                sine_position_embedding(h, w, dim // 2, device).flatten(1).T + self.level_embed[lvl]
+                sine_position_embedding(h, w, dim // 2, device, x.dtype).flatten(1).T + self.level_embed[lvl]
                 for lvl, (h, w) in enumerate(shapes)
             ]
         )[None]  # (1, S, C)
-        reference = torch.cat([_reference_points(h, w, device) for h, w in shapes])  # (S, 2)
+        reference = torch.cat([_reference_points(h, w, device, x.dtype) for h, w in shapes])  # (S, 2)
         for layer in self.encoder:
             x = layer(x, pos, reference, shapes)  # (B, S, C)
         outs = [
@@ -173,9 +181,19 @@ class PixelDecoder(nn.Module):
         return self.mask_proj(fpn), outs
 
 
-def _reference_points(h: int, w: int, device: torch.device) -> torch.Tensor:
+def _level_sizes(shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(L, 2) (W_l, H_l) per level; built with ``full``/``stack``, not ``torch.tensor``, so that symbolic
+    sizes stay symbolic when exporting."""
+
+    def scalar(n: int) -> torch.Tensor:
+        return torch.full((), n, dtype=dtype, device=device)
+
+    return torch.stack([torch.stack((scalar(w), scalar(h))) for h, w in shapes])
+
+
+def _reference_points(h: int, w: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(H*W, 2) pixel centres (x, y) normalized to [0, 1]."""
-    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
+    ys = (torch.arange(h, dtype=dtype, device=device) + 0.5) / h
+    xs = (torch.arange(w, dtype=dtype, device=device) + 0.5) / w
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack((gx.reshape(-1), gy.reshape(-1)), dim=1)

@@ -15,6 +15,15 @@ from torch import nn
 from mask2former.config import SwinConfig
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``.
+
+    Written as ``ceil_div * multiple`` rather than ``n + (-n) % multiple`` (the same integer) so that, with
+    symbolic shapes during export, divisibility of the result is evident to the shape solver.
+    """
+    return (n + multiple - 1) // multiple * multiple
+
+
 def relative_position_index(window: int) -> torch.Tensor:
     """(window², window²) index into the (2w-1)² relative-position bias table."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
@@ -37,17 +46,22 @@ def window_merge(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
 
 
-def shifted_window_mask(h: int, w: int, window: int, shift: int, device: torch.device) -> torch.Tensor:
-    """(nW, 1, window², window²) additive mask: -100 between tokens from different shifted regions."""
+def shifted_window_mask(
+    h: int, w: int, window: int, shift: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(nW, 1, window², window²) additive mask: -100 between tokens from different shifted regions.
+
+    Built in ``dtype`` throughout (no float32 intermediate in a float16 export).
+    """
 
     def regions(n: int) -> torch.Tensor:
         idx = torch.arange(n, device=device)
         return (idx >= n - window).long() + (idx >= n - shift).long()
 
-    region = (regions(h)[:, None] * 3 + regions(w)[None, :]).to(torch.float32)  # (H, W)
+    region = (regions(h)[:, None] * 3 + regions(w)[None, :]).to(dtype)  # (H, W), values 0..8
     region = window_partition(region[None, :, :, None], window)[0, :, :, 0]  # (nW, window²)
     diff = region[:, None, :] - region[:, :, None]  # (nW, window², window²)
-    return torch.where(diff != 0, -100.0, 0.0)[:, None]
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)[:, None]
 
 
 class PatchEmbed(nn.Module):
@@ -60,7 +74,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, H/p, W/p, C)."""
         h, w = x.shape[-2:]
-        x = F.pad(x, (0, (-w) % self.patch, 0, (-h) % self.patch))
+        x = F.pad(x, (0, round_up(w, self.patch) - w, 0, round_up(h, self.patch) - h))
         x = self.proj(x).permute(0, 2, 3, 1)  # (B, H/p, W/p, C)
         return self.norm(x)
 
@@ -115,8 +129,8 @@ class SwinBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C). ``shift_mask`` is used by shifted blocks only."""
         b, h, w, c = x.shape
         ws = self.window
-        y = F.pad(self.norm1(x), (0, 0, 0, (-w) % ws, 0, (-h) % ws))  # (B, Hp, Wp, C)
-        hp, wp = y.shape[1], y.shape[2]
+        hp, wp = round_up(h, ws), round_up(w, ws)
+        y = F.pad(self.norm1(x), (0, 0, 0, wp - w, 0, hp - h))  # (B, Hp, Wp, C)
         if self.shift:
             y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
         y = self.attn(window_partition(y, ws), shift_mask if self.shift else None)  # (B, nW, ws², C)
@@ -136,7 +150,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
         h, w = x.shape[1], x.shape[2]
-        x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = F.pad(x, (0, 0, 0, round_up(w, 2) - w, 0, round_up(h, 2) - h))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
 
@@ -154,8 +168,10 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), input of the next stage)."""
         h, w = x.shape[1], x.shape[2]
-        hp, wp = h + (-h) % self.window, w + (-w) % self.window
-        shift_mask = shifted_window_mask(hp, wp, self.window, self.shift, x.device) if len(self.blocks) > 1 else None
+        hp, wp = round_up(h, self.window), round_up(w, self.window)
+        shift_mask = (
+            shifted_window_mask(hp, wp, self.window, self.shift, x.device, x.dtype) if len(self.blocks) > 1 else None
+        )
         for block in self.blocks:
             x = block(x, shift_mask)
         return x, (self.downsample(x) if self.downsample is not None else x)

@@ -30,7 +30,10 @@ def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     rows blocked everywhere are opened fully.
     """
     resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
-    attend = resized.sigmoid().flatten(2) >= 0.5  # (B, Q, h*w)
+    # 0.5 as a tensor of the logits' dtype: a Python scalar makes the exporter compare in float32 even in a
+    # float16 graph. The same comparison in float32.
+    half = torch.full((), 0.5, dtype=resized.dtype, device=resized.device)
+    attend = resized.sigmoid().flatten(2) >= half  # (B, Q, h*w)
     anywhere = attend.any(dim=-1, keepdim=True)  # (B, Q, 1)
     return (attend | ~anywhere).unsqueeze(1)
 
@@ -143,12 +146,12 @@ class TransformerDecoder(nn.Module):
         self, multi_scale: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
         """Per level: keys/values (B, S, C) with the level embedding, positions (S, C), and (h, w)."""
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale]
+        sizes = [(f.shape[-2], f.shape[-1]) for f in multi_scale]  # ints, or symbolic sizes when exporting
         dim = self.query_feat.shape[1]
         memory, memory_pos = [], []
         for lvl, f in enumerate(multi_scale):
             memory.append(self.input_proj[lvl](f).flatten(2).transpose(1, 2) + self.level_embed[lvl])  # (B, S, C)
-            memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device).flatten(1).T)  # (S, C)
+            memory_pos.append(sine_position_embedding(*sizes[lvl], dim // 2, f.device, f.dtype).flatten(1).T)  # (S, C)
         return memory, memory_pos, sizes
 
     def forward(

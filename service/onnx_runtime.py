@@ -1,0 +1,215 @@
+"""ONNX Runtime runner for a graph written by ``m2f export onnx``; serves from the ``.onnx`` file alone.
+
+No torch on this path: labels, thing/stuff flags, preprocessing and thresholds come from the file's
+metadata (:mod:`model_export.metadata`), inputs and outputs are numpy arrays.
+
+Sessions use every graph optimization ONNX Runtime has (``ORT_ENABLE_ALL``), one intra-op thread per
+core this process may use (CPU affinity and a cgroup CPU quota are honoured), and, with a ``cache_dir``,
+keep the optimized graph on disk keyed by the model file's SHA-256 (plus the ONNX Runtime version, the
+execution providers and the CPU kind, since an optimized graph is specific to the hardware it was made
+on), so that later starts skip the optimization passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from mask2former.config import Mask2FormerConfig
+from model_export.metadata import ExportMetadata
+
+log = logging.getLogger(__name__)
+
+_NP_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The graph's input: name, (B, 3, H, W) with a string where an axis is dynamic, and element type."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: np.dtype
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None when dynamic."""
+        return self.shape[0] if isinstance(self.shape[0], int) else None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """The fixed (height, width), or None when dynamic."""
+        h, w = self.shape[2], self.shape[3]
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def hardware_tag() -> str:
+    """A short digest of the CPU kind (architecture and feature flags): ONNX Runtime's fully optimized graphs
+    use kernels laid out for the CPU's vector width, so a cached one is only valid on the same kind."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class OnnxRunner:
+    """Runs an exported Mask2Former graph: ``run(pixel_values) -> (class_logits, mask_logits)``.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (default: the cores available to this process).
+        cache_dir: where to keep the optimized graph (default: no caching).
+        providers: ONNX Runtime execution providers (default: CPU).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        providers: list[str] | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no ONNX model at {self.path}")
+        self.sha256 = file_sha256(self.path)
+        self.threads = threads or available_cpus()
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.cache_path: Path | None = None
+        self.cache_hit = False
+        self.session = self._open(cache_dir)
+        props = self.session.get_modelmeta().custom_metadata_map
+        if self.cache_hit and "mask2former" not in props:  # an optimized copy without the metadata
+            props = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"]).get_modelmeta()
+            props = props.custom_metadata_map
+        self.metadata = ExportMetadata.from_props(props)
+        self.config: Mask2FormerConfig = self.metadata.to_config()
+        inp = self.session.get_inputs()[0]
+        self.input = InputSpec(
+            inp.name, tuple(d if isinstance(d, int) else str(d) for d in inp.shape), _dtype(inp.type)
+        )
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        expected = list(self.metadata.output_names)
+        if inp.name != self.metadata.input_name or self.output_names != expected:
+            raise ValueError(f"graph inputs/outputs {inp.name}/{self.output_names} do not match its metadata")
+
+    # ------------------------------------------------------------------ sessions
+    def _options(self) -> ort.SessionOptions:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1  # the graph is one chain of big ops; parallelism is within ops
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        return opts
+
+    def _open(self, cache_dir: str | Path | None) -> ort.InferenceSession:
+        if cache_dir is None:
+            return ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
+        cache_dir = Path(cache_dir)
+        tag = re.sub(r"[^A-Za-z0-9]+", "", "-".join(p.replace("ExecutionProvider", "") for p in self.providers))
+        self.cache_path = cache_dir / f"{self.sha256[:32]}-ort{ort.__version__}-{tag}-{hardware_tag()}.onnx"
+        if self.cache_path.is_file():
+            try:
+                session = ort.InferenceSession(str(self.cache_path), self._options(), providers=self.providers)
+                self.cache_hit = True
+                return session
+            except Exception as e:  # a stale or truncated cache entry: rebuild it
+                log.warning("ignoring optimized-model cache %s: %s", self.cache_path, e)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=cache_dir)
+            os.close(fd)
+        except OSError as e:
+            log.warning("optimized-model cache %s not writable (%s); running without it", cache_dir, e)
+            return ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
+        opts = self._options()
+        opts.optimized_model_filepath = tmp
+        opts.log_severity_level = 3  # not the "hardware specific" warning: the cache key has the CPU kind
+        try:
+            session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+            os.replace(tmp, self.cache_path)  # atomic: concurrent replicas never read a partial file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return session
+
+    # ------------------------------------------------------------------ running
+    def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) normalized, padded images -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4),
+        both float32."""
+        x = np.asarray(pixel_values)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {x.shape}")
+        for axis, (want, got) in enumerate(zip(self.input.shape, x.shape)):
+            if isinstance(want, int) and want != got:
+                raise ValueError(f"pixel_values axis {axis} is {got}; this graph was exported for {want}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"pixel_values must be floating point, got {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=self.input.dtype)
+        class_logits, mask_logits = self.session.run(self.output_names, {self.input.name: x})
+        return class_logits.astype(np.float32, copy=False), mask_logits.astype(np.float32, copy=False)
+
+    def warmup(self, height: int | None = None, width: int | None = None) -> None:
+        """One run on zeros at the graph's fixed shape, or batch 1 at ``height`` x ``width`` (default: the
+        checkpoint's shortest edge, square), so that first-request latency excludes allocation."""
+        size = self.input.size or (height or self._default_side(), width or self._default_side())
+        self.run(np.zeros((self.input.batch or 1, 3, *size), dtype=self.input.dtype))
+
+    def _default_side(self) -> int:
+        pre = self.config.preprocess
+        return -(-pre.shortest_edge // pre.size_divisor) * pre.size_divisor
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-ready summary (for logs, /readyz, model listings)."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "model": self.metadata.name,
+            "source_sha256": self.metadata.source_sha256,
+            "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": str(self.input.dtype)},
+            "threads": self.threads,
+            "providers": self.session.get_providers(),
+            "optimized_cache": str(self.cache_path) if self.cache_path else None,
+            "cache_hit": self.cache_hit,
+        }
+
+
+def _dtype(onnx_type: str) -> np.dtype:
+    if onnx_type not in _NP_DTYPES:
+        raise ValueError(f"unsupported input type {onnx_type}")
+    return _NP_DTYPES[onnx_type]
