@@ -1,4 +1,4 @@
-"""The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU)."""
+"""The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU), ``export onnx``."""
 
 from __future__ import annotations
 
@@ -136,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--onnx", type=Path, help="evaluate this exported .onnx file in ONNX Runtime instead of --weights")
     p.set_defaults(run=_eval)
+
+    from model_export.cli import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

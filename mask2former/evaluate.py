@@ -293,10 +293,15 @@ def format_report(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``m2f eval``: load the checkpoint, evaluate, print a table (or JSON with ``--json``)."""
-    from mask2former import load_model
+    """``m2f eval``: load the checkpoint (or the ``--onnx`` file), evaluate, print a table (or JSON with ``--json``)."""
+    if getattr(args, "onnx", None) is not None:
+        from service.onnx_runtime import OnnxRunner
 
-    model = load_model(args.weights, device=args.device)
+        model = OnnxRunner(args.onnx)
+    else:
+        from mask2former import load_model
+
+        model = load_model(args.weights, device=args.device)
     result = evaluate(model, args.data, args.task, batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

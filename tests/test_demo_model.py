@@ -71,3 +71,17 @@ def test_heldout_subset_scores_as_recorded(scores, task, path):
     for key in path:
         got, want = got[key], want[key]
     assert got == pytest.approx(want, abs=TOLERANCE), f"{task} {'/'.join(path)}: {got:.2f}, recorded {want:.2f}"
+
+
+def test_onnx_export_scores_the_same_pq(tmp_path, scores, heldout_subset):
+    """The demo model exported to ONNX and run in ONNX Runtime gives the same PQ as in PyTorch."""
+    pytest.importorskip("onnxruntime")
+    from model_export.onnx import export_onnx
+    from service.onnx_runtime import OnnxRunner
+
+    path = tmp_path / "demo.onnx"
+    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, batch=4, log=lambda line: None)
+    runner = OnnxRunner(path, threads=2)
+    onnx_pq = evaluate(runner, heldout_subset, "panoptic", batch_size=4, progress=False)["metrics"]
+    for split in ("all", "things", "stuff"):
+        assert onnx_pq[split]["pq"] == pytest.approx(scores["panoptic"][split]["pq"], abs=1e-9)
