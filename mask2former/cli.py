@@ -22,21 +22,19 @@ def segment_image(
 ) -> dict[str, Any]:
     """Run one PIL image through preprocessing, the model and ``task`` post-processing; a JSON-ready dict."""
     import numpy as np
-    import torch
 
     from mask2former import postprocess
+    from mask2former.evaluate import run_model
     from mask2former.processing import preprocess
     from service import encoding
 
     cfg = model.config
-    device = next(model.parameters()).device
     t0 = time.perf_counter()
     batch = preprocess([image], cfg.preprocess)
     t1 = time.perf_counter()
-    with torch.inference_mode():
-        out = model(torch.from_numpy(batch.pixel_values).to(device))
+    class_logits, mask_logits = run_model(model, batch.pixel_values)
     t2 = time.perf_counter()
-    args = (out.class_logits, out.mask_logits, batch.resized_sizes, batch.original_sizes)
+    args = (class_logits, mask_logits, batch.resized_sizes, batch.original_sizes)
     if task == "panoptic":
         result = postprocess.panoptic_segmentation(
             *args,

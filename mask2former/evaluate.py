@@ -217,7 +217,7 @@ def evaluate(
                         f"{im.file_name} is {pil.size[0]}x{pil.size[1]} but the JSON says {im.width}x{im.height}"
                     )
             batch = preprocess(pil_images, cfg.preprocess)
-            args = (*_forward(model, batch.pixel_values), batch.resized_sizes, batch.original_sizes)
+            args = (*run_model(model, batch.pixel_values), batch.resized_sizes, batch.original_sizes)
             if task == "panoptic":
                 results = postprocess.panoptic_segmentation(
                     *args,
@@ -243,7 +243,7 @@ def evaluate(
     }
 
 
-def _forward(model, pixel_values: np.ndarray):
+def run_model(model, pixel_values: np.ndarray):
     """(class_logits, mask_logits) from a PyTorch model, or from a runner with ``run(pixel_values)``
     (such as :class:`service.onnx_runtime.OnnxRunner`), as torch tensors for post-processing."""
     import torch

@@ -12,12 +12,23 @@ this module. ONNX Runtime hands the same key/value map over as
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mask2former.config import Mask2FormerConfig, PreprocessConfig
+
+
+def file_sha256(path: str | Path) -> str:
+    """A file's sha256 hex digest (what ``sha256sum`` prints), read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 METADATA_KEY = "mask2former"
 SCHEMA_VERSION = 1

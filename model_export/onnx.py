@@ -39,7 +39,7 @@ from torch import nn
 from mask2former.config import Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
 from mask2former.transformer_decoder import attention_mask
-from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, write_metadata
+from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, file_sha256, write_metadata
 
 DEFAULT_OPSET = 20  # torch 2.13's default; GridSample needs >= 16, the torch.export-based exporter >= 18
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -170,14 +170,6 @@ class _Steps:
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_files(folder: str | Path) -> list[Path]:
     """The files that define an HF checkpoint: configs and weights (shards included)."""
     folder = Path(folder)
@@ -193,7 +185,7 @@ def checkpoint_sha256(folder: str | Path) -> tuple[str, dict[str, str]]:
 
     Each file's hash is what ``sha256sum`` prints; the combined one hashes the sorted ``name  hash`` lines.
     """
-    files = {p.name: _sha256_file(p) for p in checkpoint_files(folder)}
+    files = {p.name: file_sha256(p) for p in checkpoint_files(folder)}
     lines = "".join(f"{name}  {digest}\n" for name, digest in sorted(files.items()))
     return hashlib.sha256(lines.encode()).hexdigest(), files
 
@@ -589,10 +581,6 @@ def _probes(model: Any, layers: int) -> tuple[list[str], list[str]] | None:
     return steps, masks
 
 
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def check_against_pytorch(
     onnx_model: Any,
     model: Mask2Former,
@@ -606,6 +594,8 @@ def check_against_pytorch(
     outputs and every layer's attention mask (see the module docstring)."""
     import onnx
     import onnxruntime as ort
+
+    from service.onnx_runtime import available_cpus
 
     if isinstance(onnx_model, str | Path):
         onnx_model = onnx.load(str(onnx_model))
@@ -632,7 +622,7 @@ def check_against_pytorch(
         raise ValueError("pass the path of a model larger than 2 GB, not its proto")
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = _cpu_count()
+    opts.intra_op_num_threads = available_cpus()
     session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     del source
     np_dtype = np.float16 if dtype == "float16" else np.float32

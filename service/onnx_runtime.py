@@ -26,7 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mask2former.config import Mask2FormerConfig
-from model_export.metadata import ExportMetadata
+from model_export.metadata import ExportMetadata, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,6 @@ def hardware_tag() -> str:
     except OSError:
         pass
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class OnnxRunner:
