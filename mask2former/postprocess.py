@@ -14,35 +14,18 @@ tensor-wide, with Python loops only over the few kept segments when assembling t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_stride the config allows)
+# The result types and MASK_STRIDE live in the torch-free module and are re-exported from here; in the results of
+# this module their arrays are torch tensors.
+from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment
+
 _SEMANTIC_CHUNK = 1 << 18  # pixels per (K, Q) @ (Q, pixels) product in semantic_segmentation
 
 Size = tuple[int, int]
-
-
-class InstanceResult(NamedTuple):
-    masks: torch.Tensor  # (N, H, W) bool
-    labels: torch.Tensor  # (N,) int64
-    scores: torch.Tensor  # (N,) float32, descending
-
-
-class Segment(NamedTuple):
-    id: int  # 1..N, the value of the segment in PanopticResult.segmentation
-    label_id: int
-    score: float  # a merged stuff segment has the highest score of its queries
-    isthing: bool
-    area: int  # pixels at the original image size
-
-
-class PanopticResult(NamedTuple):
-    segmentation: torch.Tensor  # (H, W) int32; 0 = void
-    segments: list[Segment]
 
 
 # ---------------------------------------------------------------------------------------------- resize

@@ -1,0 +1,332 @@
+"""Task post-processing in numpy: the torch-free twin of :mod:`mask2former.postprocess`.
+
+The ONNX Runtime path of the service runs without torch, so it post-processes with these functions. They
+have the signatures and semantics of :mod:`mask2former.postprocess` (detectron2 semantics, HF parameter
+names; read its docstrings) and take and return numpy arrays. ``tests/test_postprocess_numpy.py`` checks
+them against the torch module: resized logits agree to 1e-5 and every decision agrees except, rarely,
+where a value lies within float rounding of its threshold.
+
+The two bilinear resizes (x4 to the padded size, crop, to the original size) are linear along each
+axis, so they compose into one (H, h) and one (W, w) matrix per image; the resize is then two matrix
+products (BLAS, multi-threaded). This module imports only numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_stride the config allows)
+_SEMANTIC_CHUNK = 1 << 15  # pixels per (pixels, Q) @ (Q, K) product in semantic_segmentation (17 MB at K = 133)
+_LOGIT_CLIP = 1e4  # non-finite mask logits are clipped to this: in a matrix product an inf spreads NaN (0 * inf)
+
+Size = tuple[int, int]
+
+
+class InstanceResult(NamedTuple):
+    masks: Any  # (N, H, W) bool array
+    labels: Any  # (N,) int64 array
+    scores: Any  # (N,) float32 array, descending
+
+
+class Segment(NamedTuple):
+    id: int  # 1..N, the value of the segment in PanopticResult.segmentation
+    label_id: int
+    score: float  # a merged stuff segment has the highest score of its queries
+    isthing: bool
+    area: int  # pixels at the original image size
+
+
+class PanopticResult(NamedTuple):
+    segmentation: Any  # (H, W) int32 array; 0 = void
+    segments: list[Segment]
+
+
+# ---------------------------------------------------------------------------------------------- resize
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear (align_corners=False) taps of a 1-D resize, with torch's float32 arithmetic.
+
+    torch's CPU kernel computes the scale in float32 and the source position as a fused multiply-add
+    rounded to float32; in float64 the weights would differ from torch's by up to ~1e-4 at 1000 pixels.
+
+    Returns:
+        (out,) first input index, (out,) second input index, (out,) their float32 weights.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32) + np.float32(0.5)  # (out,)
+    src = (dst.astype(np.float64) * np.float64(scale) - 0.5).astype(np.float32)  # the product is exact in float64
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(src.astype(np.int64), in_size - 1)  # floor (src >= 0)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0))
+    return i0, i1, np.float32(1.0) - lam1, lam1
+
+
+def _resize_matrix(padded_in: int, resized: int, original: int) -> np.ndarray:
+    """The (original, n) float32 matrix of one axis: x4 to the padded size, crop to ``resized``, resize.
+
+    ``n`` <= ``padded_in`` is the number of input positions the crop reads (the columns past it are zero).
+    Each row has at most 4 non-zero weights: 2 taps of the second resize, each 2 taps of the first.
+    """
+    i0, i1, w0, w1 = (t[:resized] for t in _linear_taps(padded_in, MASK_STRIDE * padded_in))  # the crop
+    n = int(i1.max()) + 1
+    if original == resized:
+        rows, cols, weights = np.arange(resized), (i0, i1), (w0, w1)
+    else:
+        j0, j1, v0, v1 = _linear_taps(resized, original)
+        rows = np.arange(original)
+        cols = (i0[j0], i1[j0], i0[j1], i1[j1])
+        weights = tuple(v.astype(np.float64) * w[j] for v, j in ((v0, j0), (v1, j1)) for w in (w0, w1))
+    flat = np.concatenate([rows * n + c for c in cols])  # indices repeat where taps coincide: summed
+    out = np.bincount(flat, np.concatenate(weights), minlength=len(rows) * n)  # float64
+    return out.astype(np.float32).reshape(len(rows), n)
+
+
+def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: Size) -> np.ndarray:
+    """Mask logits of one image (N, h, w) at stride 4 -> logits (N, H, W) at the original image size.
+
+    Bilinear (align_corners=False) to the padded input size (4h, 4w), crop to ``resized_size``, bilinear
+    to ``original_size``, as :func:`mask2former.postprocess.masks_to_image` (to float rounding). Each
+    axis is one precomputed (H, h') or (W, w') matrix, where h', w' are the input rows/columns the crop
+    needs. The result is a new float32 array (callers may modify it in place).
+    """
+    x = np.asarray(mask_logits)
+    n, h, w = x.shape
+    rh, rw = int(resized_size[0]), int(resized_size[1])
+    oh, ow = int(original_size[0]), int(original_size[1])
+    if not (0 < rh <= MASK_STRIDE * h and 0 < rw <= MASK_STRIDE * w):
+        raise ValueError(
+            f"resized size {resized_size} does not fit the padded size {(MASK_STRIDE * h, MASK_STRIDE * w)}"
+        )
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"original size must be positive, got {original_size}")
+    if n == 0:
+        return np.zeros((0, oh, ow), dtype=np.float32)
+    ah = _resize_matrix(h, rh, oh)  # (H, hc)
+    aw = _resize_matrix(w, rw, ow)  # (W, wc)
+    hc, wc = ah.shape[1], aw.shape[1]
+    x = x[:, :hc, :wc]  # (N, hc, wc)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)  # NaN -> 0 (torch: NaN)
+    # Rows first or columns first: the second product is one large GEMM over all N; columns first
+    # needs a contiguous copy of the (small) input, so it goes first only when it multiplies clearly less.
+    if hc * ow * (wc + oh) < 0.85 * oh * wc * (hc + ow):
+        x = np.ascontiguousarray(x).reshape(n * hc, wc)
+        t = np.matmul(x, aw.T).reshape(n, hc, ow)  # (N, hc, W)
+        return np.matmul(ah, t)  # (N, H, W)
+    t = np.matmul(ah, x)  # (N, H, wc)
+    return np.matmul(t.reshape(n * oh, wc), aw.T).reshape(n, oh, ow)  # (N, H, W)
+
+
+def _sigmoid_(x: np.ndarray) -> np.ndarray:
+    """Sigmoid in place (no full-size temporary); returns ``x``."""
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -88: 1 / inf = 0, as wanted
+        np.negative(x, out=x)
+        np.exp(x, out=x)
+    x += 1.0
+    np.reciprocal(x, out=x)
+    return x
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32."""
+    e = np.exp(x - x.max(-1, keepdims=True))
+    e /= e.sum(-1, keepdims=True)
+    return e
+
+
+def _as_float_array(x: Any) -> np.ndarray:
+    a = np.asarray(x)
+    return a if a.dtype == np.float32 else a.astype(np.float32)
+
+
+def _check_batch(class_logits: np.ndarray, mask_logits: np.ndarray, resized_sizes, original_sizes) -> None:
+    if class_logits.ndim != 3 or mask_logits.ndim != 4:
+        raise ValueError(
+            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), got {class_logits.shape} "
+            f"and {mask_logits.shape}"
+        )
+    b, q = class_logits.shape[:2]
+    if mask_logits.shape[:2] != (b, q):
+        raise ValueError(f"class_logits {class_logits.shape} and mask_logits {mask_logits.shape} disagree")
+    if len(resized_sizes) != b or len(original_sizes) != b:
+        raise ValueError(f"batch of {b} but {len(resized_sizes)} resized and {len(original_sizes)} original sizes")
+
+
+# ---------------------------------------------------------------------------------------------- semantic
+def semantic_segmentation(
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    resized_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+) -> list[np.ndarray]:
+    """Per-pixel class: argmax over ``einsum("qc,qhw->chw", softmax(class)[..., :-1], sigmoid(masks))``.
+
+    Args:
+        class_logits: (B, Q, K+1); the last class is "no object".
+        mask_logits: (B, Q, h, w) at 1/4 of the padded input.
+        resized_sizes: (h, w) of each image inside the padded input.
+        original_sizes: (H, W) of each original image.
+
+    Returns:
+        One (H, W) int64 class-id map per image.
+    """
+    class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
+    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    out = []
+    for i in range(class_logits.shape[0]):
+        cls = _softmax(class_logits[i])[:, :-1]  # (Q, K)
+        probs = _sigmoid_(masks_to_image(mask_logits[i], resized_sizes[i], original_sizes[i]))  # (Q, H, W)
+        q, h, w = probs.shape
+        flat = probs.reshape(q, h * w)  # (Q, H*W)
+        labels = np.empty(h * w, dtype=np.int64)
+        for start in range(0, h * w, _SEMANTIC_CHUNK):  # bounds the (pixels, K) product
+            stop = min(start + _SEMANTIC_CHUNK, h * w)
+            labels[start:stop] = (flat[:, start:stop].T @ cls).argmax(1)  # (n, K) -> (n,), first on ties
+        out.append(labels.reshape(h, w))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- instance
+def instance_segmentation(
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    resized_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    threshold: float = 0.0,
+    max_instances: int = 100,
+) -> list[InstanceResult]:
+    """Instances: the top ``max_instances`` (query, class) pairs, scored and thresholded.
+
+    A pair's mask is its query's logit > 0 at the original size; its score is the class probability
+    (softmax without "no object") times the mean sigmoid inside the mask (0 for an empty mask). Pairs
+    with score > ``threshold`` are kept, sorted by score, descending. One query can give several
+    instances (with different classes and the same mask), as in detectron2. Equal class probabilities
+    (top-k) and equal scores (the final order) keep the lower query*K + class index first (stable sorts;
+    torch's topk leaves the order of ties unspecified).
+
+    Returns:
+        One :class:`InstanceResult` per image: masks (N, H, W) bool, labels (N,) int64, scores (N,) float32.
+    """
+    class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
+    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
+    k = max(0, min(int(max_instances), num_queries * num_classes))
+    out = []
+    for i in range(class_logits.shape[0]):
+        class_probs = _softmax(class_logits[i])[:, :-1].reshape(-1)  # (Q*K,)
+        flat_idx = np.argsort(-class_probs, kind="stable")[:k]  # (k,), by class probability, descending
+        class_scores = class_probs[flat_idx]
+        queries = flat_idx // num_classes
+        labels = flat_idx % num_classes
+        # The mask score depends on the query only: upsample each selected query once.
+        uniq, inverse = np.unique(queries, return_inverse=True)  # (U,), (k,)
+        logits = masks_to_image(mask_logits[i, uniq], resized_sizes[i], original_sizes[i])  # (U, H, W)
+        u, h, w = logits.shape
+        fg = logits > 0  # (U, H, W)
+        fg_area = np.count_nonzero(fg.reshape(u, h * w), axis=1)  # (U,)
+        probs = _sigmoid_(logits)  # (U, H, W), in place
+        probs *= fg
+        inside = probs.reshape(u, h * w).sum(1)  # (U,)
+        del logits, probs  # free (U, H, W) float32 before the masks are gathered
+        mask_scores = inside / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
+        scores = class_scores * mask_scores[inverse]  # (k,) float32
+        keep = np.flatnonzero(scores > threshold)
+        keep = keep[np.argsort(-scores[keep], kind="stable")]
+        masks = fg[inverse[keep]]  # (N, H, W)
+        out.append(InstanceResult(masks, labels[keep].astype(np.int64), scores[keep].astype(np.float32)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- panoptic
+def panoptic_segmentation(
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    resized_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    thing_ids: set[int] | frozenset[int],
+    threshold: float = 0.8,
+    mask_threshold: float = 0.5,
+    overlap_mask_area_threshold: float = 0.8,
+) -> list[PanopticResult]:
+    """Panoptic segmentation: non-overlapping segments with ids 1..N, 0 for void.
+
+    Queries whose best class is not "no object" and whose class probability is > ``threshold`` take
+    part. Each pixel goes to the query with the highest score * sigmoid(mask) (the first on ties); a
+    query's segment is the pixels it wins where its own sigmoid >= ``mask_threshold``. A query is dropped
+    when that segment is empty, when its own mask (sigmoid >= ``mask_threshold``) is empty, or when won
+    area / own area < ``overlap_mask_area_threshold``. Stuff queries (label not in ``thing_ids``) of the
+    same label merge into one segment whose score is their highest. Segment ids follow query order.
+
+    Returns:
+        One :class:`PanopticResult` per image: the (H, W) int32 id map and the segments.
+    """
+    class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
+    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    num_classes = class_logits.shape[2] - 1
+    out = []
+    for i in range(class_logits.shape[0]):
+        oh, ow = int(original_sizes[i][0]), int(original_sizes[i][1])
+        probs = _softmax(class_logits[i])  # (Q, K+1)
+        labels = probs.argmax(-1)  # (Q,)
+        scores = np.take_along_axis(probs, labels[:, None], -1)[:, 0]  # (Q,)
+        kept = np.flatnonzero((labels != num_classes) & (scores > threshold))  # (M,)
+        if kept.size == 0:
+            out.append(PanopticResult(np.zeros((oh, ow), dtype=np.int32), []))
+            continue
+        scores, labels = scores[kept], labels[kept]
+        m = kept.size
+        probs = _sigmoid_(masks_to_image(mask_logits[i, kept], resized_sizes[i], original_sizes[i]))  # (M, H, W)
+        # Argmax over queries of score * prob, one (H, W) plane at a time: no (M, H, W) temporary.
+        winner = np.zeros((oh, ow), dtype=np.int64)  # (H, W)
+        best = probs[0] * scores[0]  # (H, W)
+        winner_prob = probs[0].copy()  # (H, W)
+        weighted = np.empty_like(best)  # (H, W)
+        better = np.empty((oh, ow), dtype=bool)  # (H, W)
+        own_area = np.empty(m, dtype=np.int64)  # (M,)
+        own_area[0] = np.count_nonzero(probs[0] >= mask_threshold)
+        for j in range(1, m):
+            np.multiply(probs[j], scores[j], out=weighted)
+            np.greater(weighted, best, out=better)  # strict: the first query wins ties
+            np.copyto(winner, j, where=better)
+            np.copyto(winner_prob, probs[j], where=better)
+            np.copyto(best, weighted, where=better)
+            own_area[j] = np.count_nonzero(probs[j] >= mask_threshold)
+        on = winner_prob >= mask_threshold  # (H, W): the pixel is in its winner's segment
+        won_area = np.bincount(winner.reshape(-1), minlength=m)  # (M,)
+        seg_area = np.bincount(winner[on], minlength=m)  # (M,)
+        ratio = won_area / np.maximum(own_area, 1)  # float64
+        valid = (seg_area > 0) & (own_area > 0) & (ratio >= overlap_mask_area_threshold)  # (M,)
+
+        # Segment ids in query order; stuff of one label shares the id of its first query.
+        query_to_id = np.zeros(m, dtype=np.int32)
+        segment_label, segment_thing, segment_score = [], [], []
+        stuff_id: dict[int, int] = {}
+        label_list, score_list = labels.tolist(), scores.tolist()
+        for j in np.flatnonzero(valid).tolist():
+            label, score = label_list[j], score_list[j]
+            isthing = label in thing_ids
+            if not isthing and label in stuff_id:
+                sid = stuff_id[label]
+                segment_score[sid - 1] = max(segment_score[sid - 1], score)
+            else:
+                segment_label.append(label)
+                segment_thing.append(isthing)
+                segment_score.append(score)
+                sid = len(segment_label)
+                if not isthing:
+                    stuff_id[label] = sid
+            query_to_id[j] = sid
+        segmentation = np.where(on, query_to_id[winner], np.int32(0))  # (H, W) int32
+        n = len(segment_label)
+        areas = np.bincount(segmentation.reshape(-1), minlength=n + 1).tolist()
+        segments = [
+            Segment(sid, segment_label[sid - 1], segment_score[sid - 1], segment_thing[sid - 1], areas[sid])
+            for sid in range(1, n + 1)
+        ]
+        out.append(PanopticResult(segmentation, segments))
+    return out
