@@ -1,4 +1,5 @@
-"""The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU), ``export onnx``."""
+"""The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU), ``export onnx``,
+``serve`` (the HTTP service)."""
 
 from __future__ import annotations
 
@@ -20,52 +21,33 @@ def segment_image(
     overlap_mask_area_threshold: float | None = None,
     max_instances: int = 100,
 ) -> dict[str, Any]:
-    """Run one PIL image through preprocessing, the model and ``task`` post-processing; a JSON-ready dict."""
-    import numpy as np
+    """Run one PIL image through preprocessing, the model and ``task`` post-processing; a JSON-ready dict.
 
-    from mask2former import postprocess
+    ``model`` is a PyTorch model or a runner (``service.runtime``); the steps are the service's
+    (:mod:`service.pipeline`), so ``m2f predict`` answers what ``POST /v1/segment`` answers.
+    """
     from mask2former.evaluate import run_model
-    from mask2former.processing import preprocess
-    from service import encoding
+    from service import pipeline
 
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     cfg = model.config
     t0 = time.perf_counter()
-    batch = preprocess([image], cfg.preprocess)
+    prepared = pipeline.prepare(image, cfg)
     t1 = time.perf_counter()
-    class_logits, mask_logits = run_model(model, batch.pixel_values)
+    class_logits, mask_logits = run_model(model, prepared.pixels[None])
     t2 = time.perf_counter()
-    args = (class_logits, mask_logits, batch.resized_sizes, batch.original_sizes)
+    params: dict[str, Any] = {}
     if task == "panoptic":
-        result = postprocess.panoptic_segmentation(
-            *args,
-            thing_ids=cfg.thing_ids,
-            threshold=cfg.threshold if threshold is None else threshold,
-            mask_threshold=cfg.mask_threshold,
-            overlap_mask_area_threshold=(
-                cfg.overlap_mask_area_threshold if overlap_mask_area_threshold is None else overlap_mask_area_threshold
-            ),
-        )[0]
-        segments = encoding.panoptic_records(
-            result.segmentation.cpu().numpy(), result.segments, cfg.id2label, cfg.thing_ids
-        )
+        params = {"threshold": threshold, "overlap_mask_area_threshold": overlap_mask_area_threshold}
     elif task == "instance":
-        result = postprocess.instance_segmentation(
-            *args, threshold=0.0 if threshold is None else threshold, max_instances=max_instances
-        )[0]
-        segments = encoding.instance_records(
-            result.masks.cpu().numpy(),
-            result.labels.cpu().numpy(),
-            result.scores.cpu().numpy(),
-            cfg.id2label,
-            cfg.thing_ids,
-        )
-    elif task == "semantic":
-        label_map = postprocess.semantic_segmentation(*args)[0].cpu().numpy().astype(np.int64)
-        segments = encoding.semantic_records(label_map, cfg.id2label, cfg.thing_ids)
-    else:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        params = {"threshold": threshold, "max_instances": max_instances}
+    result = pipeline.postprocess(
+        task, cfg, class_logits, mask_logits, [prepared.resized_size], [prepared.original_size], **params
+    )[0]
+    segments = pipeline.segments(task, cfg, result)
     t3 = time.perf_counter()
-    height, width = batch.original_sizes[0]
+    height, width = prepared.original_size
     return {
         "width": width,
         "height": height,
@@ -137,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", type=Path, help="evaluate this exported .onnx file in ONNX Runtime instead of --weights")
     p.set_defaults(run=_eval)
 
+    p = sub.add_parser(
+        "serve",
+        help="start the HTTP segmentation service",
+        description="Start the HTTP service. Every option can also be set as an environment variable "
+        "(M2F_MODEL, M2F_RUNTIME, M2F_PORT, M2F_MAX_BATCH_SIZE, ...); options given here win.",
+    )
+    p.add_argument("--model", type=Path, help="HF checkpoint folder or .onnx file (default: the demo model)")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="auto: onnxruntime for .onnx files")
+    p.add_argument("--device", help="torch device (cpu, cuda, ...)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 4)")
+    p.add_argument("--max-batch-delay-ms", type=float, help="how long a request waits for a batch to fill (5)")
+    p.add_argument("--max-queue", type=int, help="requests admitted at once; more get 503 (32)")
+    p.add_argument("--request-timeout-s", type=float, help="requests not answered by then get 504 (30)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
+    p.add_argument("--cache-dir", type=Path, help="ONNX Runtime optimized-graph cache folder")
+    p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    p.set_defaults(run=_serve)
+
     from model_export.cli import add_export_parser
 
     add_export_parser(sub)
@@ -147,6 +149,21 @@ def _synth(args: argparse.Namespace) -> int:
     from mask2former import synth
 
     return synth.run(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from service.app import serve
+    from service.settings import Settings
+
+    names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")
+    names += ("request_timeout_s", "threads", "cache_dir", "log_level")
+    try:
+        settings = Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+    except ValidationError as e:
+        raise ValueError(f"invalid settings: {e}") from None
+    return serve(settings)
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -9,8 +9,8 @@ The dataset folder (what ``m2f synth`` writes; COCO conventions, category ids = 
     semantic/<image stem>.png   uint8 class ids, 255 = void
 
 The pipeline is the serving one: :func:`~mask2former.processing.load_image`, batched
-:func:`~mask2former.processing.preprocess`, the model under ``torch.inference_mode``, and the task's
-post-processing with the checkpoint's defaults (panoptic: the config's ``threshold``, ``mask_threshold``
+:func:`~mask2former.processing.preprocess`, the model (PyTorch, or a runner such as ONNX Runtime's), and the
+task's post-processing (:func:`service.pipeline.postprocess`, numpy) with the checkpoint's defaults (panoptic: the config's ``threshold``, ``mask_threshold``
 and ``overlap_mask_area_threshold``; instance: threshold 0.0 and the top 100 pairs). The metrics and their
 conventions are in :mod:`mask2former.metrics`.
 """
@@ -105,7 +105,7 @@ class _Panoptic(_Task):
     def add(self, image: _Image, result) -> None:
         ann = self.annotations[image.id]
         gt_map = read_id_map(self.root / ann["file_name"])
-        pred_map = result.segmentation.cpu().numpy()
+        pred_map = result.segmentation
         pred_segments = [{"id": s.id, "category_id": s.label_id} for s in result.segments]
         self.pq.update(gt_map, ann["segments_info"], pred_map, pred_segments)
 
@@ -124,13 +124,13 @@ class _Instance(_Task):
     def add(self, image: _Image, result) -> None:
         from pycocotools import mask as mask_util
 
-        labels = result.labels.cpu().numpy()
+        labels = result.labels
         keep = np.isin(labels, list(self.category_ids))  # other labels (stuff) are not scored by COCOeval
-        masks = result.masks.cpu().numpy()[keep]  # (N, H, W) bool
+        masks = result.masks[keep]  # (N, H, W) bool
         if len(masks) == 0:
             return
         rles = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-        for rle, label, score in zip(rles, labels[keep].tolist(), result.scores.cpu().numpy()[keep].tolist()):
+        for rle, label, score in zip(rles, labels[keep].tolist(), result.scores[keep].tolist()):
             rle["counts"] = rle["counts"].decode("ascii")
             self.predictions.append({"image_id": image.id, "category_id": label, "segmentation": rle, "score": score})
 
@@ -154,7 +154,7 @@ class _Semantic(_Task):
 
     def add(self, image: _Image, result) -> None:
         gt = read_label_map(self.root / (Path(image.file_name).stem + ".png"))
-        self.miou.update(gt, result.cpu().numpy())
+        self.miou.update(gt, result)
 
     def compute(self) -> dict[str, Any]:
         out = self.miou.compute()
@@ -189,8 +189,8 @@ def evaluate(
     """
     from tqdm import tqdm
 
-    from mask2former import postprocess
     from mask2former.processing import load_image, preprocess
+    from service import pipeline
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -217,19 +217,11 @@ def evaluate(
                         f"{im.file_name} is {pil.size[0]}x{pil.size[1]} but the JSON says {im.width}x{im.height}"
                     )
             batch = preprocess(pil_images, cfg.preprocess)
-            args = (*run_model(model, batch.pixel_values), batch.resized_sizes, batch.original_sizes)
-            if task == "panoptic":
-                results = postprocess.panoptic_segmentation(
-                    *args,
-                    thing_ids=cfg.thing_ids,
-                    threshold=cfg.threshold,
-                    mask_threshold=cfg.mask_threshold,
-                    overlap_mask_area_threshold=cfg.overlap_mask_area_threshold,
-                )
-            elif task == "instance":
-                results = postprocess.instance_segmentation(*args, threshold=0.0, max_instances=MAX_INSTANCES)
-            else:
-                results = postprocess.semantic_segmentation(*args)
+            class_logits, mask_logits = run_model(model, batch.pixel_values)
+            params = {"max_instances": MAX_INSTANCES} if task == "instance" else {}
+            results = pipeline.postprocess(
+                task, cfg, class_logits, mask_logits, batch.resized_sizes, batch.original_sizes, **params
+            )
             for im, result in zip(chunk, results):
                 scorer.add(im, result)
             bar.update(len(chunk))
@@ -243,21 +235,19 @@ def evaluate(
     }
 
 
-def run_model(model, pixel_values: np.ndarray):
-    """(class_logits, mask_logits) from a PyTorch model, or from a runner with ``run(pixel_values)``
-    (such as :class:`service.onnx_runtime.OnnxRunner`), as torch tensors for post-processing."""
+def run_model(model, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(class_logits, mask_logits) as float32 numpy from a PyTorch model, or from a runner with
+    ``run(pixel_values)`` (:mod:`service.runtime`)."""
+    if hasattr(model, "run"):
+        return model.run(pixel_values)
     import torch
 
-    if hasattr(model, "run"):
-        class_logits, mask_logits = model.run(pixel_values)
-        return torch.from_numpy(class_logits), torch.from_numpy(mask_logits)
     device = next(model.parameters()).device
     with torch.inference_mode():
         out = model(torch.from_numpy(pixel_values).to(device))
-    return out.class_logits, out.mask_logits
+    return out.class_logits.float().cpu().numpy(), out.mask_logits.float().cpu().numpy()
 
 
-# ---------------------------------------------------------------------------------------------- report
 def _fmt(x: float | None, width: int = 7) -> str:
     return f"{'-':>{width}}" if x is None else f"{x:{width}.2f}"
 

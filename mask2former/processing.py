@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Collection
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
@@ -33,7 +34,17 @@ class Batch(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_image(source: ImageSource) -> Image.Image:
+class UnsupportedImageFormat(ValueError):
+    """The data is not an image, or not in one of the accepted formats."""
+
+
+class ImageTooLarge(ValueError):
+    """The image has more pixels than allowed (known from its header, before decoding)."""
+
+
+def load_image(
+    source: ImageSource, formats: Collection[str] | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode an image into an RGB ``PIL.Image``.
 
     EXIF orientation is applied first; animated images give their first frame; every PIL mode is turned
@@ -42,10 +53,14 @@ def load_image(source: ImageSource) -> Image.Image:
 
     Args:
         source: a path, the encoded bytes, or a binary file object.
+        formats: PIL format names to accept (e.g. ``{"JPEG", "PNG"}``); default: any PIL reads.
+        max_pixels: refuse images with more pixels than this, judged from the header before decoding.
 
     Raises:
         ValueError: the image has zero width or height.
-        PIL.UnidentifiedImageError: the data is not an image PIL can read.
+        PIL.UnidentifiedImageError: the data is not an image PIL can read (with ``formats``:
+            :class:`UnsupportedImageFormat`, as for a format not in ``formats``).
+        ImageTooLarge: over ``max_pixels``.
         OSError: the data is truncated or otherwise cannot be decoded.
     """
     if isinstance(source, (str, Path)):
@@ -55,16 +70,23 @@ def load_image(source: ImageSource) -> Image.Image:
     else:
         data = source.read()
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=None if formats is None else list(formats))
     except UnidentifiedImageError:
         # Pillow refuses zero-size images as "not an image"; say what is wrong when the header tells us.
         declared = _declared_size(data)
         if declared is not None and 0 in declared:
             raise ValueError(f"zero-size image ({declared[0]}x{declared[1]})") from None
+        if formats is not None:
+            accepted = ", ".join(sorted(formats))
+            raise UnsupportedImageFormat(f"not an image in an accepted format ({accepted})") from None
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(str(e)) from None
     with img:
         if img.width == 0 or img.height == 0:
             raise ValueError(f"zero-size image ({img.width}x{img.height})")
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLarge(f"image of {img.width}x{img.height} pixels is over the limit of {max_pixels} pixels")
         img.seek(0)  # animated images: the first frame
         img = ImageOps.exif_transpose(img)  # a loaded copy, transposed when the EXIF says so
     return to_rgb(img)

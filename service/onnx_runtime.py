@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,30 +26,11 @@ import onnxruntime as ort
 
 from mask2former.config import Mask2FormerConfig
 from model_export.metadata import ExportMetadata, file_sha256
+from service.runtime import InputSpec, default_side
 
 log = logging.getLogger(__name__)
 
 _NP_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The graph's input: name, (B, 3, H, W) with a string where an axis is dynamic, and element type."""
-
-    name: str
-    shape: tuple[int | str, ...]
-    dtype: np.dtype
-
-    @property
-    def batch(self) -> int | None:
-        """The fixed batch size, or None when dynamic."""
-        return self.shape[0] if isinstance(self.shape[0], int) else None
-
-    @property
-    def size(self) -> tuple[int, int] | None:
-        """The fixed (height, width), or None when dynamic."""
-        h, w = self.shape[2], self.shape[3]
-        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
 
 def available_cpus() -> int:
@@ -88,6 +68,8 @@ class OnnxRunner:
         cache_dir: where to keep the optimized graph (default: no caching).
         providers: ONNX Runtime execution providers (default: CPU).
     """
+
+    name = "onnxruntime"
 
     def __init__(
         self,
@@ -179,12 +161,8 @@ class OnnxRunner:
     def warmup(self, height: int | None = None, width: int | None = None) -> None:
         """One run on zeros at the graph's fixed shape, or batch 1 at ``height`` x ``width`` (default: the
         checkpoint's shortest edge, square), so that first-request latency excludes allocation."""
-        size = self.input.size or (height or self._default_side(), width or self._default_side())
+        size = self.input.size or (height or default_side(self.config), width or default_side(self.config))
         self.run(np.zeros((self.input.batch or 1, 3, *size), dtype=self.input.dtype))
-
-    def _default_side(self) -> int:
-        pre = self.config.preprocess
-        return -(-pre.shortest_edge // pre.size_divisor) * pre.size_divisor
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (for logs, /readyz, model listings)."""

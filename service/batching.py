@@ -1,0 +1,263 @@
+"""Dynamic batching: a synchronous policy object (:class:`BatchPolicy`) and the asyncio worker around it.
+
+The policy decides which waiting images form the next batch; it knows nothing of asyncio, HTTP or the
+model, and its unit tests drive it with a fake clock. Rules:
+
+- Images are grouped by **bucket**: their padded size rounded up to ``bucket_px`` per side, so a small
+  image never waits in (or pads to) a batch of large ones. A batch pads to its largest member (rounded
+  to the model's size divisor), not to the bucket's bound. A fixed-shape graph has one bucket, its shape.
+- A bucket is **ready** when it holds ``max_batch_size`` images, or when its oldest image has waited
+  ``max_delay_s``. Of the ready buckets, the one whose oldest image is oldest goes first (FIFO across
+  buckets, so no bucket starves); a batch takes that bucket's images in arrival order.
+
+:class:`Batcher` runs one batch at a time in a single-thread executor (the runtime's intra-op threads use
+the cores) while the event loop keeps admitting requests; each request awaits its own future, which gets
+its image's slice of the outputs or the batch's exception (a failing batch fails only its own requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+Size = tuple[int, int]
+
+
+@dataclass(eq=False)
+class Item:
+    """One image waiting for a batch."""
+
+    pixels: np.ndarray  # (3, h, w) float32, normalized; h, w multiples of the size divisor
+    resized_size: Size  # (h, w) of the image inside ``pixels`` (the rest is padding)
+    enqueued: float = 0.0  # clock time of ``BatchPolicy.add``
+    future: Any = None  # set by the Batcher: the asyncio future the request awaits
+    seq: int = 0  # arrival order, set by ``BatchPolicy.add``
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """An image's share of a batch's outputs."""
+
+    class_logits: np.ndarray  # (Q, K+1)
+    mask_logits: np.ndarray  # (Q, Hp/4, Wp/4), Hp x Wp the batch's padded size
+    batch_size: int  # images in the batch (without filler images of a fixed-batch graph)
+    queue_s: float  # enqueued -> the batch started
+    inference_s: float  # the batch's forward pass
+
+
+class BatchPolicy:
+    """Which waiting images go into the next forward pass.
+
+    Args:
+        max_batch_size: images per batch at most (a fixed-batch graph: its batch size).
+        max_delay_s: how long the oldest image of a bucket may wait for the bucket to fill.
+        bucket_px: bucket granularity in pixels per side.
+        size_divisor: the model's padding multiple.
+        fixed_size: the graph's fixed (H, W), if any: every image pads to it.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_delay_s: float,
+        bucket_px: int = 128,
+        size_divisor: int = 32,
+        fixed_size: Size | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.bucket_px = max(bucket_px, 1)
+        self.size_divisor = max(size_divisor, 1)
+        self.fixed_size = fixed_size
+        self._buckets: dict[Size, list[Item]] = {}
+        self._arrivals = itertools.count()
+
+    def __len__(self) -> int:
+        return sum(len(items) for items in self._buckets.values())
+
+    def bucket(self, height: int, width: int) -> Size:
+        """The bucket of an image whose padded size is ``height`` x ``width``."""
+        if self.fixed_size is not None:
+            return self.fixed_size
+        step = self.bucket_px
+        return -(-height // step) * step, -(-width // step) * step
+
+    def add(self, item: Item, now: float) -> None:
+        h, w = item.pixels.shape[1:]
+        if self.fixed_size is not None and (h > self.fixed_size[0] or w > self.fixed_size[1]):
+            raise ValueError(f"image of {h}x{w} does not fit the graph's fixed {self.fixed_size}")
+        item.enqueued = now
+        item.seq = next(self._arrivals)
+        self._buckets.setdefault(self.bucket(h, w), []).append(item)
+
+    def remove(self, item: Item) -> bool:
+        """Take a waiting image out (its client left or its deadline passed); False if not waiting."""
+        key = self.bucket(*item.pixels.shape[1:])
+        items = self._buckets.get(key, [])
+        if item not in items:
+            return False
+        items.remove(item)
+        if not items:
+            del self._buckets[key]
+        return True
+
+    def next_batch(self, now: float) -> list[Item] | None:
+        """The images of the next batch (removed from the policy), or None when no bucket is ready."""
+        ready = [
+            (items[0].seq, key)
+            for key, items in self._buckets.items()
+            if len(items) >= self.max_batch_size or now >= items[0].enqueued + self.max_delay_s
+        ]
+        if not ready:
+            return None
+        _, key = min(ready)
+        items = self._buckets[key]
+        batch, rest = items[: self.max_batch_size], items[self.max_batch_size :]
+        if rest:
+            self._buckets[key] = rest
+        else:
+            del self._buckets[key]
+        return batch
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which a bucket becomes ready by waiting, or None when nothing waits."""
+        if not self._buckets:
+            return None
+        return min(items[0].enqueued for items in self._buckets.values()) + self.max_delay_s
+
+    def padded_size(self, batch: list[Item]) -> Size:
+        """(H, W) the batch pads to: the fixed size, or its largest image rounded to the size divisor."""
+        if self.fixed_size is not None:
+            return self.fixed_size
+        d = self.size_divisor
+        h = max(it.pixels.shape[1] for it in batch)
+        w = max(it.pixels.shape[2] for it in batch)
+        return -(-h // d) * d, -(-w // d) * d
+
+
+def assemble(batch: list[Item], size: Size, batch_size: int | None = None) -> np.ndarray:
+    """Stack images into one zero-padded (B, 3, H, W) array; ``batch_size`` pads with zero images too."""
+    n = max(len(batch), batch_size or 0)
+    out = np.zeros((n, 3, *size), dtype=np.float32)
+    for i, it in enumerate(batch):
+        _, h, w = it.pixels.shape
+        out[i, :, :h, :w] = it.pixels
+    return out
+
+
+class Batcher:
+    """Feeds batches from a :class:`BatchPolicy` to ``run`` (the runtime) on ``executor``, one at a time.
+
+    Args:
+        policy: the batching policy.
+        run: (B, 3, H, W) -> (class_logits (B, Q, K+1), mask_logits (B, Q, H/4, W/4)).
+        executor: where ``run`` executes (a single worker thread: batches do not overlap).
+        fixed_batch: the graph's fixed batch size, if any (batches are padded with zero images).
+        on_batch: called with (batch size, inference seconds) after each batch (metrics).
+        on_depth: called with the number of waiting images whenever it changes (metrics).
+        clock: the time source (``time.monotonic``).
+    """
+
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+        executor: Executor,
+        fixed_batch: int | None = None,
+        on_batch: Callable[[int, float], None] = lambda n, s: None,
+        on_depth: Callable[[int], None] = lambda n: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.policy = policy
+        self.run = run
+        self.executor = executor
+        self.fixed_batch = fixed_batch
+        self.on_batch = on_batch
+        self.on_depth = on_depth
+        self.clock = clock
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.busy = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
+
+    async def stop(self) -> None:
+        """Stop the worker; images still waiting fail with ``RuntimeError``."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while (batch := self.policy.next_batch(float("inf"))) is not None:
+            for it in batch:
+                if not it.future.done():
+                    it.future.set_exception(RuntimeError("the server is shutting down"))
+        self.on_depth(0)
+
+    def submit(self, item: Item) -> asyncio.Future:
+        """Queue one image; the returned future resolves to its :class:`BatchResult`."""
+        item.future = asyncio.get_running_loop().create_future()
+        self.policy.add(item, self.clock())
+        self.on_depth(len(self.policy))
+        self._wake.set()
+        return item.future
+
+    def cancel(self, item: Item) -> bool:
+        """Drop a waiting image (True), or report that its batch has already started (False)."""
+        removed = self.policy.remove(item)
+        if removed:
+            self.on_depth(len(self.policy))
+        return removed
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = self.policy.next_batch(self.clock())
+            if batch is None:
+                deadline = self.policy.next_deadline()
+                timeout = None if deadline is None else max(deadline - self.clock(), 0.0)
+                self._wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                continue
+            self.on_depth(len(self.policy))
+            batch = [it for it in batch if not it.future.done()]
+            if not batch:
+                continue
+            size = self.policy.padded_size(batch)
+            started = self.clock()
+            self.busy = True
+            try:
+                pixel_values = assemble(batch, size, self.fixed_batch)
+                class_logits, mask_logits = await loop.run_in_executor(self.executor, self.run, pixel_values)
+            except Exception as e:  # the batch's requests fail; the worker goes on
+                log.exception("batch of %d failed", len(batch))
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            finally:
+                self.busy = False
+            inference_s = self.clock() - started
+            self.on_batch(len(batch), inference_s)
+            for i, it in enumerate(batch):
+                if not it.future.done():
+                    it.future.set_result(
+                        BatchResult(class_logits[i], mask_logits[i], len(batch), started - it.enqueued, inference_s)
+                    )

@@ -1,0 +1,130 @@
+"""The image -> JSON pipeline around a runtime, without torch: decode, prepare, post-process, encode.
+
+Used by the HTTP service (each step in a worker thread), ``m2f predict`` and ``m2f eval``, so all three
+produce the same results from the same logits.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from mask2former import postprocess_numpy as post
+from mask2former.config import Mask2FormerConfig
+from mask2former.processing import load_image, preprocess, resize_shape
+from service import encoding
+
+TASKS = ("panoptic", "instance", "semantic")
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
+
+Size = tuple[int, int]
+
+
+class Prepared(NamedTuple):
+    pixels: np.ndarray  # (3, h, w) float32 normalized, zero-padded to the size divisor
+    resized_size: Size  # (h, w) of the image inside ``pixels``
+    original_size: Size  # (H, W) of the decoded image
+
+
+def default_task(config: Mask2FormerConfig) -> str:
+    """Panoptic for a model with things and stuff, instance when all labels are things, else semantic."""
+    things = len(config.thing_ids & set(config.id2label))
+    if things == 0:
+        return "semantic"
+    return "instance" if things == config.num_labels else "panoptic"
+
+
+def decode(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Encoded JPEG/PNG/WebP/BMP/TIFF bytes -> RGB image (see :func:`mask2former.processing.load_image`).
+
+    Raises:
+        mask2former.processing.UnsupportedImageFormat: not an image, or a format we do not accept.
+        mask2former.processing.ImageTooLarge: more than ``max_pixels`` pixels (read from the header).
+        ValueError / OSError: zero-size, truncated or corrupt data.
+    """
+    return load_image(data, formats=ALLOWED_FORMATS, max_pixels=max_pixels)
+
+
+def prepare(image: Image.Image, config: Mask2FormerConfig, fixed_size: Size | None = None) -> Prepared:
+    """Resize and normalize one image the checkpoint's way; with a fixed graph size, scale down to fit it."""
+    pre = config.preprocess
+    w, h = image.size
+    if fixed_size is not None:
+        rh, rw = resize_shape(h, w, pre.shortest_edge, pre.longest_edge)
+        scale = min(fixed_size[0] / rh, fixed_size[1] / rw, 1.0)
+        if scale < 1.0:  # resize straight to the fitting size, then leave preprocessing's resize a no-op
+            fh, fw = max(int(rh * scale), 1), max(int(rw * scale), 1)
+            image = image.resize((fw, fh), Image.Resampling.BILINEAR)
+            pre = pre.__class__(**{**pre.__dict__, "shortest_edge": min(fh, fw), "longest_edge": 0})
+    batch = preprocess([image], pre)
+    return Prepared(batch.pixel_values[0], batch.resized_sizes[0], (h, w))
+
+
+def postprocess(
+    task: str,
+    config: Mask2FormerConfig,
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    resized_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    threshold: float | None = None,
+    overlap_mask_area_threshold: float | None = None,
+    max_instances: int = 100,
+) -> list[Any]:
+    """Batch logits -> one result per image: a label map (semantic), an InstanceResult or a PanopticResult.
+
+    ``threshold`` and ``overlap_mask_area_threshold`` default to the checkpoint's values (instance: 0).
+    """
+    args = (class_logits, mask_logits, resized_sizes, original_sizes)
+    if task == "panoptic":
+        return post.panoptic_segmentation(
+            *args,
+            thing_ids=config.thing_ids,
+            threshold=config.threshold if threshold is None else threshold,
+            mask_threshold=config.mask_threshold,
+            overlap_mask_area_threshold=(
+                config.overlap_mask_area_threshold
+                if overlap_mask_area_threshold is None
+                else overlap_mask_area_threshold
+            ),
+        )
+    if task == "instance":
+        return post.instance_segmentation(
+            *args, threshold=0.0 if threshold is None else threshold, max_instances=max_instances
+        )
+    if task == "semantic":
+        return post.semantic_segmentation(*args)
+    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+
+
+def segments(task: str, config: Mask2FormerConfig, result: Any) -> list[dict[str, Any]]:
+    """JSON records (COCO RLE at the original size) of one image's result."""
+    if task == "panoptic":
+        return encoding.panoptic_records(result.segmentation, result.segments, config.id2label, config.thing_ids)
+    if task == "instance":
+        return encoding.instance_records(result.masks, result.labels, result.scores, config.id2label, config.thing_ids)
+    return encoding.semantic_records(result, config.id2label, config.thing_ids)
+
+
+def png_base64(task: str, result: Any) -> str | None:
+    """The result as a base64 PNG: panoptic ids in COCO colours (id = R + 256 G + 256^2 B), or the semantic
+    class ids (8-bit, 16-bit past 255 classes). None for instances (they overlap)."""
+    if task == "panoptic":
+        img = Image.fromarray(encoding.panoptic_png(result.segmentation), mode="RGB")
+    elif task == "semantic":
+        ids = np.asarray(result)
+        img = (
+            Image.fromarray(ids.astype(np.uint8))
+            if ids.max(initial=0) < 256
+            else Image.fromarray(ids.astype(np.uint16))
+        )
+    else:
+        return None
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

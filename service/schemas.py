@@ -1,0 +1,79 @@
+"""Pydantic schemas of the HTTP API (they make the OpenAPI document at ``/docs``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Task = Literal["panoptic", "instance", "semantic"]
+
+
+class RLE(BaseModel):
+    """COCO run-length encoding, column-major; ``pycocotools.mask.decode`` gives the (H, W) mask."""
+
+    size: list[int] = Field(description="[height, width] of the original image")
+    counts: str = Field(description="compressed RLE string")
+
+
+class SegmentOut(BaseModel):
+    id: int = Field(description="panoptic: the id in the PNG; instance: 1..N by score; semantic: the class id")
+    category_id: int
+    label: str
+    isthing: bool
+    score: float | None = Field(description="class probability x mask quality; null for semantic segments")
+    area: int = Field(description="pixels at the original image size")
+    bbox: list[int] = Field(description="[x, y, width, height] of the mask")
+    segmentation: RLE
+
+
+class Timings(BaseModel):
+    decode_s: float = Field(description="reading, decoding and resizing the image")
+    queue_s: float = Field(description="waiting for a batch")
+    inference_s: float = Field(description="the forward pass of the batch this image was in")
+    postprocess_s: float = Field(description="post-processing and RLE encoding")
+    total_s: float = Field(description="request received -> response ready")
+    batch_size: int = Field(description="images in the forward pass")
+
+
+class SegmentResponse(BaseModel):
+    width: int
+    height: int
+    task: Task
+    model: str
+    segments: list[SegmentOut]
+    png: str | None = Field(
+        None,
+        description="with png=true: base64 PNG of the panoptic ids (COCO colours: id = R + 256 G + 256^2 B) or "
+        "of the semantic class ids (8-bit grey; 16-bit past 255 classes)",
+    )
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    status: int
+    reason: str = Field(description="machine-readable cause, as in the m2f_rejections_total metric")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Label(BaseModel):
+    id: int
+    name: str
+    isthing: bool
+
+
+class ModelInfo(BaseModel):
+    name: str
+    runtime: str
+    tasks: list[Task]
+    default_task: Task
+    labels: list[Label]
+    input: dict = Field(description="graph input: name, shape (strings for dynamic axes), dtype")
+    preprocess: dict = Field(description="resize (shortest/longest edge), mean/std (0..255 scale), size divisor")
+    defaults: dict = Field(description="post-processing defaults of the checkpoint")
+    batching: dict = Field(description="max batch size and delay, bucket size")
+    runner: dict = Field(description="what the runtime reports about itself")

@@ -1,0 +1,249 @@
+"""The batching policy on a fake clock, and the asyncio batcher around it with a real (tiny) computation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, BatchPolicy, Item, assemble
+
+
+def item(h: int, w: int, value: float = 1.0) -> Item:
+    return Item(np.full((3, h, w), value, dtype=np.float32), (h, w))
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def test_batch_is_ready_when_full_without_waiting():
+    p = BatchPolicy(max_batch_size=3, max_delay_s=10.0)
+    items = [item(64, 64) for _ in range(4)]
+    for it in items[:2]:
+        p.add(it, now=0.0)
+    assert p.next_batch(now=0.0) is None
+    p.add(items[2], now=0.0)
+    p.add(items[3], now=0.0)
+    assert p.next_batch(now=0.0) == items[:3]  # arrival order, at most max_batch_size
+    assert len(p) == 1
+    assert p.next_batch(now=0.0) is None  # the fourth waits for its delay
+    assert p.next_batch(now=10.0) == items[3:]
+    assert len(p) == 0 and p.next_deadline() is None
+
+
+def test_partial_batch_goes_after_the_oldest_waited_max_delay():
+    p = BatchPolicy(max_batch_size=8, max_delay_s=0.005)
+    a, b = item(64, 64), item(64, 64)
+    p.add(a, now=1.0)
+    p.add(b, now=1.003)
+    assert p.next_deadline() == pytest.approx(1.005)
+    assert p.next_batch(now=1.0049) is None
+    assert p.next_batch(now=1.005) == [a, b]
+
+
+def test_zero_delay_means_no_waiting():
+    p = BatchPolicy(max_batch_size=8, max_delay_s=0.0)
+    a = item(32, 32)
+    p.add(a, now=5.0)
+    assert p.next_batch(now=5.0) == [a]
+
+
+def test_buckets_keep_small_images_out_of_large_batches():
+    p = BatchPolicy(max_batch_size=4, max_delay_s=0.01, bucket_px=128, size_divisor=32)
+    small = [item(160, 224), item(128, 160)]  # bucket (256, 256) and (128, 256)
+    large = [item(800, 1088), item(800, 1056)]  # both in bucket (896, 1152)
+    assert p.bucket(160, 224) == (256, 256)
+    assert p.bucket(800, 1088) == p.bucket(800, 1056) == (896, 1152)
+    assert p.bucket(768, 1024) == (768, 1024)
+    p.add(large[0], 0.0)
+    p.add(small[0], 0.001)
+    p.add(large[1], 0.002)
+    p.add(small[1], 0.003)
+    first = p.next_batch(now=0.02)  # every bucket is ready: the oldest first item goes first
+    assert first == large
+    assert p.padded_size(first) == (800, 1088)  # the largest member, not the bucket's bound
+    assert p.next_batch(now=0.02) == [small[0]]
+    assert p.next_batch(now=0.02) == [small[1]]
+
+
+def test_fifo_across_buckets_and_full_bucket_jumps_the_queue():
+    p = BatchPolicy(max_batch_size=2, max_delay_s=1.0, bucket_px=128)
+    old = item(64, 64)
+    p.add(old, now=0.0)
+    full = [item(512, 512), item(512, 512)]
+    for it in full:
+        p.add(it, now=0.5)
+    # At 0.5 only the full bucket is ready; the lone old image is not yet due.
+    assert p.next_batch(now=0.5) == full
+    assert p.next_batch(now=0.9) is None
+    assert p.next_batch(now=1.0) == [old]
+
+
+def test_remove_takes_a_waiting_image_out():
+    p = BatchPolicy(max_batch_size=4, max_delay_s=0.0)
+    a, b = item(64, 64), item(64, 64)
+    p.add(a, 0.0)
+    p.add(b, 0.0)
+    assert p.remove(a) is True
+    assert p.remove(a) is False
+    assert p.next_batch(0.0) == [b]
+    assert p.remove(b) is False
+
+
+def test_fixed_size_graph_has_one_bucket_and_refuses_what_does_not_fit():
+    p = BatchPolicy(max_batch_size=2, max_delay_s=0.0, fixed_size=(160, 160))
+    a, b = item(160, 96), item(64, 160)
+    p.add(a, 0.0)
+    p.add(b, 0.0)
+    batch = p.next_batch(0.0)
+    assert batch == [a, b]
+    assert p.padded_size(batch) == (160, 160)
+    with pytest.raises(ValueError, match="does not fit"):
+        p.add(item(192, 160), 0.0)
+
+
+def test_invalid_policy_arguments():
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch_size=0, max_delay_s=0.0)
+    with pytest.raises(ValueError):
+        BatchPolicy(max_batch_size=1, max_delay_s=-1.0)
+
+
+def test_assemble_pads_with_zeros_and_filler_images():
+    a, b = item(64, 96, 1.0), item(96, 32, 2.0)
+    x = assemble([a, b], (96, 96), batch_size=3)
+    assert x.shape == (3, 3, 96, 96) and x.dtype == np.float32
+    assert (x[0, :, :64, :96] == 1).all() and (x[0, :, 64:] == 0).all()
+    assert (x[1, :, :96, :32] == 2).all() and (x[1, :, :, 32:] == 0).all()
+    assert (x[2] == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- batcher
+class SumModel:
+    """A real computation with the runtime's interface: per image, channel sums as 'class logits' and the
+    stride-4 subsampled first channel as 'mask logits'. Records the shapes it was called with."""
+
+    def __init__(self, fail_when=None):
+        self.calls: list[tuple[int, ...]] = []
+        self.fail_when = fail_when
+        self.lock = threading.Lock()
+
+    def run(self, x: np.ndarray):
+        with self.lock:
+            self.calls.append(x.shape)
+        if self.fail_when is not None and self.fail_when(x):
+            raise RuntimeError("model failure")
+        class_logits = x.sum(axis=(2, 3))[:, None, :]  # (B, 1, 3)
+        mask_logits = x[:, :1, ::4, ::4]  # (B, 1, H/4, W/4)
+        return class_logits, mask_logits
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+def test_batcher_batches_concurrent_requests_and_routes_results():
+    model = SumModel()
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batches = []
+            batcher = Batcher(
+                BatchPolicy(max_batch_size=4, max_delay_s=0.05),
+                model.run,
+                pool,
+                on_batch=lambda n, s: batches.append(n),
+            )
+            batcher.start()
+            items = [item(32, 32, float(i + 1)) for i in range(6)]
+            results = await asyncio.gather(*(batcher.submit(it) for it in items))
+            await batcher.stop()
+            return results, batches
+
+    results, batches = run_async(main())
+    assert batches == [4, 2]
+    assert [c[0] for c in model.calls] == [4, 2]
+    for i, r in enumerate(results):
+        assert r.class_logits[0, 0] == pytest.approx(32 * 32 * (i + 1))  # its own image's result
+        assert r.mask_logits.shape == (1, 8, 8)
+        assert r.batch_size == (4 if i < 4 else 2)
+        assert r.queue_s >= 0 and r.inference_s >= 0
+
+
+def test_failing_batch_fails_only_its_own_requests():
+    # Batches of 2; the batch holding an image of value 3 fails.
+    model = SumModel(fail_when=lambda x: bool((x == 3).any()))
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(BatchPolicy(max_batch_size=2, max_delay_s=0.05), model.run, pool)
+            batcher.start()
+            futures = [batcher.submit(item(32, 32, float(v))) for v in (1, 2, 3, 4, 5, 6)]
+            results = await asyncio.gather(*futures, return_exceptions=True)
+            await batcher.stop()
+            return results
+
+    results = run_async(main())
+    failed = [isinstance(r, RuntimeError) for r in results]
+    assert failed == [False, False, True, True, False, False]
+
+
+def test_fixed_batch_graph_gets_filler_images():
+    model = SumModel()
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            policy = BatchPolicy(max_batch_size=4, max_delay_s=0.0, fixed_size=(64, 64))
+            batcher = Batcher(policy, model.run, pool, fixed_batch=4)
+            batcher.start()
+            r = await batcher.submit(item(32, 48, 1.0))
+            await batcher.stop()
+            return r
+
+    r = run_async(main())
+    assert model.calls == [(4, 3, 64, 64)]
+    assert r.batch_size == 1
+    assert r.class_logits[0, 0] == pytest.approx(32 * 48)
+
+
+def test_cancelled_request_is_not_run_and_depth_is_reported():
+    model = SumModel()
+    depths: list[int] = []
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(BatchPolicy(max_batch_size=8, max_delay_s=0.2), model.run, pool, on_depth=depths.append)
+            batcher.start()
+            a, b = item(32, 32, 1.0), item(32, 32, 2.0)
+            fa = batcher.submit(a)
+            fb = batcher.submit(b)
+            assert batcher.cancel(a) is True
+            fa.cancel()
+            rb = await fb
+            assert batcher.cancel(b) is False  # already ran
+            await batcher.stop()
+            return rb
+
+    rb = run_async(main())
+    assert model.calls == [(1, 3, 32, 32)]
+    assert rb.class_logits[0, 0] == pytest.approx(2 * 32 * 32)
+    assert depths[:3] == [1, 2, 1] and depths[-1] == 0
+
+
+def test_stop_fails_waiting_requests():
+    model = SumModel()
+
+    async def main():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(BatchPolicy(max_batch_size=8, max_delay_s=60.0), model.run, pool)
+            batcher.start()
+            future = batcher.submit(item(32, 32))
+            await asyncio.sleep(0.01)
+            await batcher.stop()
+            return future
+
+    future = run_async(main())
+    with pytest.raises(RuntimeError, match="shutting down"):
+        future.result()
+    assert model.calls == []

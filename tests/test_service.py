@@ -1,0 +1,424 @@
+"""End to end: the real ``m2f serve`` on 127.0.0.1, spoken to over HTTP.
+
+The reference for every returned mask is the model called directly in this process (PyTorch, the torch
+post-processing), so the server's pipeline (decode, batch, numpy post-processing, RLE) is checked against
+an independent path. Servers use the demo model (160 px images, ~0.1 s per forward pass on 2 cores).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import re
+import signal
+import socket
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+from mask2former import load_model, postprocess, synth
+from mask2former.processing import load_image, preprocess
+from service.schemas import SegmentResponse
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_BODY = 400_000
+MAX_PIXELS = 1_000_000
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def sample_image(index: int, size=(160, 160)) -> Image.Image:
+    return Image.fromarray(synth.make_sample(seed=2024, index=index, size=size).image)
+
+
+def post(server, data: bytes, ctype: str = "image/png", **params) -> httpx.Response:
+    return server.client.post("/v1/segment", content=data, headers={"Content-Type": ctype}, params=params)
+
+
+def decode_rle(segment: dict) -> np.ndarray:
+    return mask_util.decode(segment["segmentation"]).astype(bool)
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(
+        "--max-batch-size", "4", "--max-batch-delay-ms", "150",
+        env={"M2F_MAX_BODY_BYTES": str(MAX_BODY), "M2F_MAX_PIXELS": str(MAX_PIXELS)},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+def direct(model, image: Image.Image, task: str):
+    """The reference: the model and the torch post-processing, called in this process."""
+    batch = preprocess([image], model.config.preprocess)
+    with torch.inference_mode():
+        out = model(torch.from_numpy(batch.pixel_values))
+    args = (out.class_logits, out.mask_logits, batch.resized_sizes, batch.original_sizes)
+    cfg = model.config
+    if task == "panoptic":
+        return postprocess.panoptic_segmentation(
+            *args,
+            thing_ids=cfg.thing_ids,
+            threshold=cfg.threshold,
+            mask_threshold=cfg.mask_threshold,
+            overlap_mask_area_threshold=cfg.overlap_mask_area_threshold,
+        )[0]
+    if task == "instance":
+        return postprocess.instance_segmentation(*args, threshold=0.0, max_instances=100)[0]
+    return postprocess.semantic_segmentation(*args)[0]
+
+
+# ---------------------------------------------------------------------------------------------- results
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+@pytest.mark.parametrize("shape", [(160, 160), (120, 208)])
+def test_each_task_matches_the_model_called_directly(server, model, task, shape):
+    for index in range(2):
+        image = sample_image(index, shape)
+        r = post(server, encode(image), task=task)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        SegmentResponse.model_validate(body)
+        assert (body["width"], body["height"], body["task"]) == (shape[1], shape[0], task)
+        assert body["model"] == "mask2former-demo-synth"
+        segs = body["segments"]
+        masks = np.stack([decode_rle(s) for s in segs]) if segs else np.zeros((0, *shape), bool)
+        assert masks.shape[1:] == shape
+        ref = direct(model, image, task)
+        if task == "panoptic":
+            assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == [
+                (s.id, s.label_id, s.isthing) for s in ref.segments
+            ]
+            assert [s["score"] for s in segs] == pytest.approx([s.score for s in ref.segments], abs=1e-5)
+            for s, m in zip(segs, masks):
+                assert np.array_equal(m, ref.segmentation.numpy() == s["id"])
+        elif task == "instance":
+            assert [s["category_id"] for s in segs] == ref.labels.tolist()
+            assert [s["score"] for s in segs] == pytest.approx(ref.scores.tolist(), abs=1e-5)
+            assert np.array_equal(masks, ref.masks.numpy())
+        else:
+            label_map = ref.numpy()
+            assert [s["category_id"] for s in segs] == np.unique(label_map).tolist()
+            assert all(s["score"] is None for s in segs)
+            for s, m in zip(segs, masks):
+                assert np.array_equal(m, label_map == s["category_id"])
+        for s, m in zip(segs, masks):
+            assert s["area"] == int(m.sum())
+            assert s["label"] == model.config.id2label[s["category_id"]]
+            ys, xs = np.nonzero(m)
+            assert s["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+
+
+def test_panoptic_segments_do_not_overlap_and_areas_add_up(server):
+    image = sample_image(7, (144, 176))
+    body = post(server, encode(image), task="panoptic", png="true").json()
+    masks = np.stack([decode_rle(s) for s in body["segments"]])
+    assert masks.sum(0).max() <= 1  # no pixel in two segments
+    void = int((masks.sum(0) == 0).sum())
+    assert sum(s["area"] for s in body["segments"]) + void == 144 * 176
+    # The PNG carries the same segmentation: id = R + 256 G + 256^2 B.
+    rgb = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["png"])))).astype(np.int64)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    for s, m in zip(body["segments"], masks):
+        assert np.array_equal(ids == s["id"], m)
+    assert ((ids == 0) == (masks.sum(0) == 0)).all()
+
+
+def test_semantic_png_and_multipart_upload(server):
+    image = sample_image(3)
+    files = {"image": ("x.jpg", encode(image, "JPEG", quality=95), "image/jpeg")}
+    r = server.client.post("/v1/segment", files=files, params={"task": "semantic", "png": "true"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    label_map = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["png"]))))
+    assert label_map.shape == (160, 160)
+    for s in body["segments"]:
+        assert np.array_equal(decode_rle(s), label_map == s["category_id"])
+
+
+def test_instance_parameters(server):
+    data = encode(sample_image(1))
+    top3 = post(server, data, task="instance", max_instances="3").json()["segments"]
+    assert len(top3) == 3
+    scores = [s["score"] for s in post(server, data, task="instance").json()["segments"]]
+    assert scores == sorted(scores, reverse=True)
+    high = post(server, data, task="instance", threshold="0.5").json()["segments"]
+    assert [s["score"] for s in high] == [s for s in scores if s > 0.5]
+
+
+def test_concurrent_requests_are_batched(server):
+    before_count = server.metric("m2f_batch_size_count")
+    before_sum = server.metric("m2f_batch_size_sum")
+    data = [encode(sample_image(i)) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda d: post(server, d, task="panoptic"), data))
+    assert all(r.status_code == 200 for r in responses)
+    batches = server.metric("m2f_batch_size_count") - before_count
+    images = server.metric("m2f_batch_size_sum") - before_sum
+    assert images == 8
+    assert batches < 8, "8 concurrent requests ran as 8 batches of one"
+    assert max(r.json()["timings"]["batch_size"] for r in responses) > 1
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (zero allowed) and whose data is one grey row."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00")) + chunk(b"IEND", b"")
+
+
+def bad_inputs() -> list[tuple[str, bytes, str, int, str]]:
+    good = encode(sample_image(0))
+    gif = encode(sample_image(0), "GIF")
+    big = encode(Image.new("RGB", (1200, 1000), (30, 60, 90)))  # 1.2 MP compresses to a few KB
+    noise = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)))
+    boundary = "XyZ"
+    no_image_field = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="other"\r\n\r\nhello\r\n--{boundary}--\r\n'
+    ).encode()
+    return [
+        ("not an image", b"this is text, not pixels", "image/png", 415, "unsupported_media_type"),
+        ("GIF is not accepted", gif, "image/gif", 415, "unsupported_media_type"),
+        ("JSON content type", b'{"image": 1}', "application/json", 415, "unsupported_media_type"),
+        ("no content type", good, "", 415, "unsupported_media_type"),
+        ("truncated PNG", good[: len(good) // 2], "image/png", 400, "bad_image"),
+        ("truncated JPEG", encode(sample_image(0), "JPEG")[:600], "image/jpeg", 400, "bad_image"),
+        ("zero-size image", png_with_size(0, 16), "image/png", 400, "bad_image"),
+        ("empty body", b"", "image/png", 400, "bad_image"),
+        ("body over the limit", noise, "image/png", 413, "too_large"),
+        ("pixels over the limit", big, "image/png", 413, "too_large"),
+        ("declared pixels over the limit", png_with_size(5000, 5000), "image/png", 413, "too_large"),
+        ("malformed multipart", b"--nope\r\ngarbage", f"multipart/form-data; boundary={boundary}", 400, "bad_request"),
+        ("multipart without image", no_image_field, f"multipart/form-data; boundary={boundary}", 400, "bad_request"),
+    ]
+
+
+@pytest.mark.parametrize("case", bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_gets_its_status_and_the_server_keeps_answering(server, case):
+    name, data, ctype, status, reason = case
+    assert len(encode(Image.fromarray(np.zeros((8, 8, 3), np.uint8)))) < MAX_BODY
+    before = server.metric("m2f_rejections_total", reason=reason)
+    headers = {"Content-Type": ctype} if ctype else {}
+    r = server.client.post("/v1/segment", content=data, headers=headers)
+    assert r.status_code == status, f"{name}: {r.status_code} {r.text}"
+    err = r.json()["error"]
+    assert err["status"] == status and err["reason"] == reason and err["message"]
+    assert server.metric("m2f_rejections_total", reason=reason) == before + 1
+    assert server.client.get("/healthz").status_code == 200
+    assert post(server, encode(sample_image(0))).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "params", [{"task": "everything"}, {"threshold": "2"}, {"max_instances": "0"}, {"png": "maybe"}], ids=str
+)
+def test_bad_query_parameters_get_422(server, params):
+    r = post(server, encode(sample_image(0)), **params)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["reason"] == "bad_request"
+
+
+def image_variants() -> list[tuple[str, bytes]]:
+    rgb = sample_image(5)
+    grey16 = Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    frames = [sample_image(5), sample_image(6)]
+    animated_png = io.BytesIO()
+    frames[0].save(animated_png, format="PNG", save_all=True, append_images=frames[1:])
+    animated_webp = io.BytesIO()
+    frames[0].save(animated_webp, format="WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    return [
+        ("CMYK JPEG", encode(rgb.convert("CMYK"), "JPEG")),
+        ("palette PNG", encode(rgb.convert("P"))),
+        ("LA PNG", encode(rgb.convert("LA"))),
+        ("RGBA PNG", encode(rgb.convert("RGBA"))),
+        ("16-bit grey PNG", encode(grey16)),
+        ("TIFF", encode(rgb, "TIFF")),
+        ("BMP", encode(rgb, "BMP")),
+        ("WebP", encode(rgb, "WEBP")),
+        ("animated PNG", animated_png.getvalue()),
+        ("animated WebP", animated_webp.getvalue()),
+    ]
+
+
+@pytest.mark.parametrize("case", image_variants(), ids=lambda c: c[0])
+def test_image_modes_and_formats_are_converted(server, model, case):
+    name, data = case
+    r = post(server, data, ctype="application/octet-stream", task="semantic")
+    assert r.status_code == 200, f"{name}: {r.text}"
+    body = r.json()
+    assert (body["width"], body["height"]) == (160, 160)
+    # The same conversion as the library's loader (first frame, alpha on white, 16-bit scaled).
+    label_map = direct(model, load_image(data), "semantic").numpy()
+    assert [s["category_id"] for s in body["segments"]] == np.unique(label_map).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- info
+def test_model_info_docs_and_health(server):
+    info = server.client.get("/v1/model").json()
+    assert info["name"] == "mask2former-demo-synth" and info["runtime"] == "torch"
+    assert info["default_task"] == "panoptic" and info["tasks"] == ["panoptic", "instance", "semantic"]
+    assert [label["name"] for label in info["labels"]] == [c["name"] for c in synth.CATEGORIES]
+    assert [label["isthing"] for label in info["labels"]] == [bool(c["isthing"]) for c in synth.CATEGORIES]
+    assert info["batching"]["max_batch_size"] == 4
+    spec = server.client.get("/openapi.json").json()
+    assert "/v1/segment" in spec["paths"] and "image/*" in str(spec["paths"]["/v1/segment"]["post"]["requestBody"])
+    assert server.client.get("/docs").status_code == 200
+    assert server.client.get("/healthz").json() == {"status": "ok"}
+    assert server.client.get("/readyz").json()["ready"] is True
+
+
+def documented_metrics() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Metrics") :]
+    return re.findall(r"^\| `(m2f_[a-z_]+)`", section, flags=re.M)
+
+
+def test_metrics_exposes_the_documented_names(server):
+    names = documented_metrics()
+    assert len(names) >= 11
+    exposed = server.metrics()
+    for name in names:
+        assert re.search(rf"^{name}(_bucket|_count|_sum)?[{{ ]", exposed, flags=re.M), f"{name} not exposed"
+    assert server.metric("m2f_ready") == 1
+    assert server.metric("m2f_model_info", model="mask2former-demo-synth", runtime="torch") == 1
+    assert server.metric("m2f_requests_total", task="panoptic", code="200") > 0
+
+
+# ---------------------------------------------------------------------------------------------- admission
+def test_queue_full_deadline_and_disconnect(start_server):
+    """Batches wait 3 s to fill but requests time out after 1 s; two requests fit in the queue."""
+    server = start_server(
+        "--max-queue", "2", "--max-batch-size", "8", "--max-batch-delay-ms", "3000", "--request-timeout-s", "1"
+    )
+    data = encode(sample_image(0))
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(post, server, data) for _ in range(2)]
+        end = time.monotonic() + 5
+        while server.metric("m2f_inflight_requests") < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        full = post(server, data)
+        assert full.status_code == 503
+        assert full.json()["error"]["reason"] == "queue_full"
+        assert int(full.headers["Retry-After"]) >= 1
+        for f in waiting:
+            r = f.result()
+            assert r.status_code == 504 and r.json()["error"]["reason"] == "timeout"
+    assert server.metric("m2f_rejections_total", reason="queue_full") == 1
+    assert server.metric("m2f_rejections_total", reason="timeout") == 2
+    assert server.metric("m2f_queue_depth") == 0 and server.metric("m2f_inflight_requests") == 0
+
+    # A client that leaves while its request waits is dropped from the queue at once.
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        head = f"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+        sock.sendall(head.encode() + data)
+        end = time.monotonic() + 5
+        while server.metric("m2f_queue_depth") < 1 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert server.metric("m2f_queue_depth") == 1
+    end = time.monotonic() + 0.9  # well before the 1 s deadline
+    while server.metric("m2f_rejections_total", reason="disconnected") < 1 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert server.metric("m2f_rejections_total", reason="disconnected") == 1
+    assert server.metric("m2f_queue_depth") == 0 and server.metric("m2f_inflight_requests") == 0
+    assert server.client.get("/healthz").status_code == 200
+
+
+def test_sigterm_drains_accepted_requests(start_server):
+    server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "1500")
+    data = encode(sample_image(2))
+    with ThreadPoolExecutor(3) as pool:
+        accepted = [pool.submit(post, server, data) for _ in range(3)]
+        end = time.monotonic() + 5
+        while server.metric("m2f_queue_depth") < 3 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert server.metric("m2f_queue_depth") == 3
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        # Not ready any more, and nothing new is admitted (503 draining, or the listener is already closed).
+        with contextlib.suppress(httpx.TransportError):
+            assert server.client.get("/readyz", timeout=2).status_code == 503
+        assert [f.result().status_code for f in accepted] == [200, 200, 200]
+    assert server.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
+    assert "draining: 3 request(s) admitted" in server.log()
+
+
+def test_model_that_fails_to_load_ends_the_server(start_server, tmp_path):
+    server = start_server("--model", str(tmp_path / "missing"), ready=False)
+    assert server.proc.wait(120) == 1
+    assert "missing" in server.log()
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime
+@pytest.fixture(scope="module")
+def demo_onnx(tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    from mask2former.weights import DEMO_WEIGHTS
+    from model_export.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("onnx") / "demo-160.onnx"
+    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, dynamic_batch=True, log=lambda line: None)
+    return path
+
+
+def mismatch(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a != b).mean())
+
+
+def test_onnx_runtime_server_runs_without_torch_and_agrees(start_server, server, model, demo_onnx, tmp_path):
+    """The exported demo (fixed 160x160, dynamic batch) served by ONNX Runtime in a process where importing
+    torch fails; its answers agree with the PyTorch server's up to float differences (ORT vs PyTorch logits
+    differ by ~1e-6, which may move a boundary pixel: at most 0.1% of pixels per mask)."""
+    blocker = tmp_path / "no-torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
+    ort = start_server("--model", str(demo_onnx), "--max-batch-size", "4", env={"PYTHONPATH": str(blocker.parent)})
+    info = ort.client.get("/v1/model").json()
+    assert info["runtime"] == "onnxruntime" and info["input"]["shape"][2:] == [160, 160]
+    for task in ("panoptic", "instance", "semantic"):
+        for index in range(3):
+            data = encode(sample_image(index))
+            a, b = post(ort, data, task=task).json(), post(server, data, task=task).json()
+            assert [s["category_id"] for s in a["segments"]] == [s["category_id"] for s in b["segments"]]
+            assert [s["score"] for s in a["segments"]] == pytest.approx([s["score"] for s in b["segments"]], abs=1e-4)
+            for sa, sb in zip(a["segments"], b["segments"]):
+                assert mismatch(decode_rle(sa), decode_rle(sb)) <= 1e-3
+
+    # An image whose resize (160 x 240) does not fit the fixed graph is scaled down to fit (106 x 160) and
+    # the masks come back at its original size; the reference resizes and pads the same way, in PyTorch.
+    image = sample_image(4, (320, 480))
+    body = post(ort, encode(image), task="panoptic").json()
+    assert (body["width"], body["height"]) == (480, 320)
+    small = image.resize((160, 106), Image.Resampling.BILINEAR)
+    cfg = model.config
+    batch = preprocess([small], cfg.with_preprocess(shortest_edge=106, longest_edge=0).preprocess, pad_to=(160, 160))
+    with torch.inference_mode():
+        out = model(torch.from_numpy(batch.pixel_values))
+    ref = postprocess.panoptic_segmentation(
+        out.class_logits, out.mask_logits, batch.resized_sizes, [(320, 480)], thing_ids=cfg.thing_ids,
+        threshold=cfg.threshold, mask_threshold=cfg.mask_threshold,
+        overlap_mask_area_threshold=cfg.overlap_mask_area_threshold,
+    )[0]  # fmt: skip
+    assert [s["category_id"] for s in body["segments"]] == [s.label_id for s in ref.segments]
+    for s in body["segments"]:
+        assert mismatch(decode_rle(s), ref.segmentation.numpy() == s["id"]) <= 1e-3
+    assert "torch is blocked" not in ort.log()
