@@ -283,7 +283,12 @@ def test_dockerignore():
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed by the images but ignored"
     unwanted = [".git/HEAD", ".venv/bin/python", "tests/test_deploy.py", "weights/train_demo.py"]
-    unwanted += ["model.onnx", "weights/demo/model.onnx", "service/__pycache__/app.cpython-311.pyc", "docker/kubernetes/base/hpa.yaml"]
+    unwanted += [
+        "model.onnx",
+        "weights/demo/model.onnx",
+        "service/__pycache__/app.cpython-311.pyc",
+        "docker/kubernetes/base/hpa.yaml",
+    ]
     for path in unwanted:
         assert dockerignored(path, patterns), f"{path} should stay out of the build context"
 
