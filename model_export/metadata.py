@@ -60,6 +60,7 @@ class ExportMetadata:
     opset: int = 0
     exporter: dict[str, str] = field(default_factory=dict)  # tool versions
     check: dict[str, Any] = field(default_factory=dict)  # the parity check's figures, if one ran
+    quantization: str = ""  # "" (none) or "int8-dynamic": int8 weights, activations quantized at run time
     input_name: str = INPUT_NAME
     output_names: tuple[str, ...] = OUTPUT_NAMES
     schema_version: int = SCHEMA_VERSION
@@ -101,6 +102,7 @@ class ExportMetadata:
             raise ValueError(f"metadata schema version {version} is not supported (expected {SCHEMA_VERSION})")
         doc["input_shape"] = tuple(doc["input_shape"])
         doc["output_names"] = tuple(doc["output_names"])
+        doc.setdefault("quantization", "")  # written before the field existed
         return cls(**doc)
 
 

@@ -171,6 +171,7 @@ class OnnxRunner:
             "sha256": self.sha256,
             "model": self.metadata.name,
             "source_sha256": self.metadata.source_sha256,
+            "quantization": self.metadata.quantization or None,
             "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": str(self.input.dtype)},
             "threads": self.threads,
             "providers": self.session.get_providers(),

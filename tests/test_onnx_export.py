@@ -361,6 +361,24 @@ def test_fp16_export(tiny_folder, tmp_path):
     assert class_logits.dtype == np.float32 and np.isfinite(mask_logits).all()
 
 
+def test_int8_export(tiny_folder, tiny_model, tmp_path):
+    """Dynamic int8 quantization: MatMul weights stored as int8, checked at the int8 tolerance, and the
+    runner serves it; its outputs stay close to PyTorch's (a few percent of their range at most)."""
+    path = tmp_path / "int8.onnx"
+    report = export_onnx(tiny_folder, path, height=128, width=128, quantize="int8", log=None)
+    assert report.passed and report.tolerance == 0.1 and report.dtype == "float32"
+    assert report.metadata.quantization == "int8-dynamic" and report.op_types["MatMulInteger"] > 0
+    assert not any("::" in op for op in report.op_types)  # still standard ONNX ops only
+    assert read_metadata(path).quantization == "int8-dynamic"
+    runner = OnnxRunner(path)
+    assert runner.describe()["quantization"] == "int8-dynamic"
+    x = inputs((1, 3, 128, 128))[0]
+    class_logits, _ = runner.run(x)
+    with torch.inference_mode():
+        ref = tiny_model(torch.from_numpy(x)).class_logits
+    assert 0 < rel_diff(class_logits, ref) <= 0.1
+
+
 def test_export_arguments_are_validated(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="both height and width"):
         export_onnx(tiny_model, tmp_path / "x.onnx", height=64)
@@ -368,6 +386,10 @@ def test_export_arguments_are_validated(tiny_model, tmp_path):
         export_onnx(tiny_model, tmp_path / "x.onnx", height=64, width=64, dynamic_shape=True)
     with pytest.raises(ValueError, match="opset"):
         export_onnx(tiny_model, tmp_path / "x.onnx", opset=13)
+    with pytest.raises(ValueError, match="quantize"):
+        export_onnx(tiny_model, tmp_path / "x.onnx", quantize="int4")
+    with pytest.raises(ValueError, match="float32 graphs"):
+        export_onnx(tiny_model, tmp_path / "x.onnx", quantize="int8", fp16=True)
     assert issubclass(ExportCheckError, RuntimeError)
 
 
