@@ -37,23 +37,20 @@ def segment_image(
     t1 = time.perf_counter()
     class_logits, mask_logits = run_model(model, prepared.pixels[None])
     t2 = time.perf_counter()
-    params: dict[str, Any] = {}
-    if task == "panoptic":
-        params = {"threshold": threshold, "overlap_mask_area_threshold": overlap_mask_area_threshold}
-    elif task == "instance":
-        params = {"threshold": threshold, "max_instances": max_instances}
-    result = pipeline.postprocess(
-        task, cfg, class_logits, mask_logits, [prepared.resized_size], [prepared.original_size], **params
-    )[0]
-    segments = pipeline.segments(task, cfg, result)
+    answer = pipeline.answer(
+        task,
+        cfg,
+        prepared,
+        class_logits[0],
+        mask_logits[0],
+        threshold=threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold,
+        max_instances=max_instances,
+    )
     t3 = time.perf_counter()
-    height, width = prepared.original_size
+    del answer["png"]
     return {
-        "width": width,
-        "height": height,
-        "task": task,
-        "model": cfg.name,
-        "segments": segments,
+        **answer,
         "timings": {"preprocess_s": t1 - t0, "inference_s": t2 - t1, "postprocess_s": t3 - t2},
     }
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 # The result types and MASK_STRIDE live in the torch-free module and are re-exported from here; in the results of
 # this module their arrays are torch tensors.
-from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment
+from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment, check_batch
 
 _SEMANTIC_CHUNK = 1 << 18  # pixels per (K, Q) @ (Q, pixels) product in semantic_segmentation
 
@@ -63,21 +63,6 @@ def _as_float_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.float() if t.dtype != torch.float32 else t
 
 
-def _check_batch(class_logits: torch.Tensor, mask_logits: torch.Tensor, resized_sizes, original_sizes) -> None:
-    if class_logits.ndim != 3 or mask_logits.ndim != 4:
-        raise ValueError(
-            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), got {tuple(class_logits.shape)} "
-            f"and {tuple(mask_logits.shape)}"
-        )
-    b, q = class_logits.shape[:2]
-    if mask_logits.shape[:2] != (b, q):
-        raise ValueError(
-            f"class_logits {tuple(class_logits.shape)} and mask_logits {tuple(mask_logits.shape)} disagree"
-        )
-    if len(resized_sizes) != b or len(original_sizes) != b:
-        raise ValueError(f"batch of {b} but {len(resized_sizes)} resized and {len(original_sizes)} original sizes")
-
-
 # ---------------------------------------------------------------------------------------------- semantic
 @torch.no_grad()
 def semantic_segmentation(
@@ -98,7 +83,7 @@ def semantic_segmentation(
         One (H, W) int64 class-id map per image.
     """
     class_logits, mask_logits = _as_float_tensor(class_logits), _as_float_tensor(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     out = []
     for i in range(class_logits.shape[0]):
         cls = class_logits[i].softmax(-1)[:, :-1].T.contiguous()  # (K, Q)
@@ -134,7 +119,7 @@ def instance_segmentation(
         One :class:`InstanceResult` per image: masks (N, H, W) bool, labels (N,) int64, scores (N,) float32.
     """
     class_logits, mask_logits = _as_float_tensor(class_logits), _as_float_tensor(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
     k = max(0, min(int(max_instances), num_queries * num_classes))
     out = []
@@ -184,7 +169,7 @@ def panoptic_segmentation(
         One :class:`PanopticResult` per image: the (H, W) int32 id map and the segments.
     """
     class_logits, mask_logits = _as_float_tensor(class_logits), _as_float_tensor(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_classes = class_logits.shape[2] - 1
     out = []
     for i in range(class_logits.shape[0]):

@@ -144,15 +144,18 @@ def _as_float_array(x: Any) -> np.ndarray:
     return a if a.dtype == np.float32 else a.astype(np.float32)
 
 
-def _check_batch(class_logits: np.ndarray, mask_logits: np.ndarray, resized_sizes, original_sizes) -> None:
+def check_batch(class_logits, mask_logits, resized_sizes, original_sizes) -> None:
+    """Validate a batch's shapes and sizes (numpy arrays or torch tensors: only ``ndim``/``shape`` are read)."""
     if class_logits.ndim != 3 or mask_logits.ndim != 4:
         raise ValueError(
-            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), got {class_logits.shape} "
-            f"and {mask_logits.shape}"
+            f"expected class_logits (B, Q, K+1) and mask_logits (B, Q, h, w), got {tuple(class_logits.shape)} "
+            f"and {tuple(mask_logits.shape)}"
         )
     b, q = class_logits.shape[:2]
-    if mask_logits.shape[:2] != (b, q):
-        raise ValueError(f"class_logits {class_logits.shape} and mask_logits {mask_logits.shape} disagree")
+    if tuple(mask_logits.shape[:2]) != (b, q):
+        raise ValueError(
+            f"class_logits {tuple(class_logits.shape)} and mask_logits {tuple(mask_logits.shape)} disagree"
+        )
     if len(resized_sizes) != b or len(original_sizes) != b:
         raise ValueError(f"batch of {b} but {len(resized_sizes)} resized and {len(original_sizes)} original sizes")
 
@@ -176,7 +179,7 @@ def semantic_segmentation(
         One (H, W) int64 class-id map per image.
     """
     class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     out = []
     for i in range(class_logits.shape[0]):
         cls = _softmax(class_logits[i])[:, :-1]  # (Q, K)
@@ -213,7 +216,7 @@ def instance_segmentation(
         One :class:`InstanceResult` per image: masks (N, H, W) bool, labels (N,) int64, scores (N,) float32.
     """
     class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
     k = max(0, min(int(max_instances), num_queries * num_classes))
     out = []
@@ -266,7 +269,7 @@ def panoptic_segmentation(
         One :class:`PanopticResult` per image: the (H, W) int32 id map and the segments.
     """
     class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
-    _check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
+    check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_classes = class_logits.shape[2] - 1
     out = []
     for i in range(class_logits.shape[0]):

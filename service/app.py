@@ -7,7 +7,7 @@
 2. reads the body (``image/*`` or ``application/octet-stream`` raw, or a multipart field ``image``) up to
    ``max_body_bytes`` (413), decodes and resizes it in a worker thread (415 / 413 / 400);
 3. waits for its batch, at most until its deadline (504); a client that disconnects is dropped;
-4. post-processes and RLE-encodes its image in a worker thread and gets the JSON.
+4. post-processes and RLE-encodes its image in a worker thread (:func:`service.pipeline.answer`).
 
 On SIGTERM (see :func:`serve`) the service stops admitting (503 ``draining``, ``/readyz`` 503) and finishes
 what it accepted before exiting.
@@ -16,6 +16,7 @@ what it accepted before exiting.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -235,31 +236,6 @@ async def wait_for_result(request: Request, state: ServiceState, item: Item, dea
     raise HTTPError(504, "timeout", f"no result within {state.settings.request_timeout_s:g}s")
 
 
-def finish(
-    state: ServiceState, task: str, prepared: pipeline.Prepared, result: BatchResult, params: dict[str, Any], png: bool
-) -> dict[str, Any]:
-    """Post-process and encode one image's logits (worker thread)."""
-    config = state.runner.config
-    out = pipeline.postprocess(
-        task,
-        config,
-        result.class_logits[None],
-        result.mask_logits[None],
-        [prepared.resized_size],
-        [prepared.original_size],
-        **params,
-    )[0]
-    height, width = prepared.original_size
-    return {
-        "width": width,
-        "height": height,
-        "task": task,
-        "model": config.name,
-        "segments": pipeline.segments(task, config, out),
-        "png": pipeline.png_base64(task, out) if png else None,
-    }
-
-
 # ---------------------------------------------------------------------------------------------- app
 def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "reason": reason, "message": message}}, status, headers)
@@ -400,14 +376,22 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
             decoded = time.perf_counter()
             result = await wait_for_result(request, state, Item(prepared.pixels, prepared.resized_size), deadline)
             state.metrics.queue_duration.observe(result.queue_s)
-            params: dict[str, Any] = {}  # the task's post-processing parameters; None = the model's default
-            if task_name == "panoptic":
-                params = {"threshold": threshold, "overlap_mask_area_threshold": overlap_mask_area_threshold}
-            elif task_name == "instance":
-                limit = settings.max_instances
-                params = {"threshold": threshold, "max_instances": min(max_instances or limit, limit)}
             post_start = time.perf_counter()
-            body = await loop.run_in_executor(state.cpu_pool, finish, state, task_name, prepared, result, params, png)
+            body = await loop.run_in_executor(
+                state.cpu_pool,
+                functools.partial(
+                    pipeline.answer,
+                    task_name,
+                    state.runner.config,
+                    prepared,
+                    result.class_logits,
+                    result.mask_logits,
+                    threshold=threshold,
+                    overlap_mask_area_threshold=overlap_mask_area_threshold,
+                    max_instances=min(max_instances or settings.max_instances, settings.max_instances),
+                    png=png,
+                ),
+            )
             post_s = time.perf_counter() - post_start
             state.metrics.postprocess_duration.labels(task_name).observe(post_s)
             body["timings"] = {

@@ -102,6 +102,43 @@ def postprocess(
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
 
 
+def answer(
+    task: str,
+    config: Mask2FormerConfig,
+    prepared: Prepared,
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    threshold: float | None = None,
+    overlap_mask_area_threshold: float | None = None,
+    max_instances: int = 100,
+    png: bool = False,
+) -> dict[str, Any]:
+    """One image's logits (Q, K+1) and (Q, h, w) -> the JSON answer (without timings).
+
+    Parameters a task does not use are ignored (see :func:`postprocess`).
+    """
+    result = postprocess(
+        task,
+        config,
+        class_logits[None],
+        mask_logits[None],
+        [prepared.resized_size],
+        [prepared.original_size],
+        threshold=threshold,
+        overlap_mask_area_threshold=overlap_mask_area_threshold,
+        max_instances=max_instances,
+    )[0]
+    height, width = prepared.original_size
+    return {
+        "width": width,
+        "height": height,
+        "task": task,
+        "model": config.name,
+        "segments": segments(task, config, result),
+        "png": png_base64(task, result) if png else None,
+    }
+
+
 def segments(task: str, config: Mask2FormerConfig, result: Any) -> list[dict[str, Any]]:
     """JSON records (COCO RLE at the original size) of one image's result."""
     if task == "panoptic":
