@@ -4,6 +4,10 @@ Layer i cross-attends level ``i % 3`` (strides 32, 16, 8) and each query may onl
 from the previous prediction has sigmoid >= 0.5; a query blocked everywhere attends everywhere. The first
 mask comes from the learnable query features before layer 0. The mask is built with elementwise ops only
 (no boolean indexing, no ``.item()``) so the module traces and exports.
+
+With ``TransformerDecoder.use_fused_attention`` (off by default; the CUDA runtime turns it on) the
+cross-attention gets the resized mask logits instead and runs the fused Triton kernel of
+:mod:`mask2former.masked_attention`, which derives the mask on the fly (attend where logit >= 0).
 """
 
 from __future__ import annotations
@@ -38,6 +42,11 @@ def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Te
     return (attend | ~anywhere).unsqueeze(1)
 
 
+def level_mask_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The fused kernel's input at a feature level: (B, Q, H/4, W/4) -> (B, Q, h*w), resized as above."""
+    return F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False).flatten(2)
+
+
 class MultiheadAttention(nn.Module):
     """Attention with separate query/key/value inputs and fused in-projection weights (3C, C)."""
 
@@ -50,9 +59,17 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mask_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query (B, Q, C), key/value (B, S, C), mask bool (B, 1, Q, S) True = attend -> (B, Q, C)."""
+        """query (B, Q, C), key/value (B, S, C), mask bool (B, 1, Q, S) True = attend -> (B, Q, C).
+
+        With ``mask_logits`` (B, Q, S) instead of ``mask``, the fused masked-attention kernel derives the mask.
+        """
         b, nq, c = query.shape
         w, bias = self.in_proj_weight, self.in_proj_bias
         d = c // self.heads
@@ -63,7 +80,12 @@ class MultiheadAttention(nn.Module):
             q = F.linear(query, w[:c], bias[:c]).view(b, nq, self.heads, d).transpose(1, 2)
             k = F.linear(key, w[c : 2 * c], bias[c : 2 * c]).view(b, -1, self.heads, d).transpose(1, 2)
         v = F.linear(value, w[2 * c :], bias[2 * c :]).view(b, -1, self.heads, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Q, d)
+        if mask_logits is not None:
+            from mask2former.masked_attention import masked_attention  # Triton: imported only when used
+
+            out = masked_attention(q, k, v, mask_logits)  # (B, heads, Q, d)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Q, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))
 
 
@@ -87,17 +109,21 @@ class DecoderLayer(nn.Module):
         query_pos: torch.Tensor,
         memory: torch.Tensor,
         memory_pos: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
+        mask_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, Q, C); query_pos (Q, C); memory (B, S, C); memory_pos (S, C); mask (B, 1, Q, S)."""
+        """x (B, Q, C); query_pos (Q, C); memory (B, S, C); memory_pos (S, C); mask (B, 1, Q, S).
+
+        For the fused kernel pass ``mask`` None and ``mask_logits`` (B, Q, S).
+        """
         if self.pre_norm:
             y = self.norm_cross(x)
-            x = x + self.cross_attn(y + query_pos, memory + memory_pos, memory, mask)
+            x = x + self.cross_attn(y + query_pos, memory + memory_pos, memory, mask, mask_logits)
             y = self.norm_self(x)
             q = y + query_pos
             x = x + self.self_attn(q, q, y)
             return x + self.fc2(F.relu(self.fc1(self.norm_ffn(x))))
-        x = self.norm_cross(x + self.cross_attn(x + query_pos, memory + memory_pos, memory, mask))
+        x = self.norm_cross(x + self.cross_attn(x + query_pos, memory + memory_pos, memory, mask, mask_logits))
         y = x + query_pos
         x = self.norm_self(x + self.self_attn(y, y, x))
         return self.norm_ffn(x + self.fc2(F.relu(self.fc1(x))))
@@ -117,6 +143,10 @@ class MaskHead(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
+    # Cross-attention through the fused Triton kernel (CUDA; the CPU only under TRITON_INTERPRET=1). Set by
+    # callers; off keeps the SDPA path with a materialized mask, which is what traces and exports.
+    use_fused_attention: bool = False
+
     def __init__(self, cfg: Mask2FormerConfig):
         super().__init__()
         dim = cfg.hidden_dim
@@ -169,8 +199,12 @@ class TransformerDecoder(nn.Module):
         preds = [pred]
         for i, layer in enumerate(self.layers):
             lvl = i % NUM_LEVELS
-            mask = attention_mask(pred.mask_logits, sizes[lvl])  # (B, 1, Q, S)
-            x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], mask)
+            if self.use_fused_attention:
+                logits = level_mask_logits(pred.mask_logits, sizes[lvl])  # (B, Q, S)
+                x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], None, logits)
+            else:
+                mask = attention_mask(pred.mask_logits, sizes[lvl])  # (B, 1, Q, S)
+                x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], mask)
             pred = self.predict(x, mask_features)
             preds.append(pred)
         return preds if all_layers else [pred]
