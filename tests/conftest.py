@@ -68,6 +68,13 @@ class ServerProcess:
                 return float(value)
         return 0.0
 
+    def wait_metric(self, name: str, at_least: float, timeout: float = 5.0, **labels: str) -> float:
+        """Poll ``/metrics`` until the sample reaches ``at_least`` or ``timeout`` passes; its last value."""
+        end = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) < at_least and time.monotonic() < end:
+            time.sleep(0.02)
+        return value
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         self.client.close()
         if self.proc.poll() is None:
