@@ -42,6 +42,15 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
         "--tolerance", type=float, help="max |ORT - PyTorch| / max |PyTorch| (1e-4; 2e-2 with --fp16; 0.1 int8)"
     )
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch check")
+    p.add_argument(
+        "--plugins",
+        action="store_true",
+        help=(
+            "TensorRT plugin nodes for deformable attention (MultiscaleDeformableAttnPlugin_TRT) and masked attention "
+            "(m2f::MaskedAttention) instead of standard ops; float32 only; checked with CPU reference ops "
+            "(needs onnxruntime-extensions)"
+        ),
+    )
     p.set_defaults(run=_export_onnx)
     return export
 
@@ -68,6 +77,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
             quantize=args.quantize,
             check=not args.no_check,
             tolerance=args.tolerance,
+            plugins=args.plugins,
             log=lambda line: print(line, file=sys.stderr),
         )
     except ExportCheckError as e:

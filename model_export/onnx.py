@@ -14,12 +14,18 @@ attention mask each decoder layer actually used and every step's mask logits, an
 PyTorch's: outputs are compared in full only when no mask bit flipped; a flip is reported, accepted only
 where the logit is within the tolerance of 0, and then the mask logits up to the flip are compared
 instead. Nothing is loosened to absorb it.
+
+With ``plugins=True`` (``m2f export onnx --plugins``, for TensorRT) multi-scale deformable attention and masked
+attention are exported as custom-domain plugin nodes instead (:mod:`model_export.plugins`); the op scan then
+allows exactly those two, one per encoder / decoder layer, and the check runs the graph in ONNX Runtime with
+the plugin nodes implemented on the CPU by our reference code (:mod:`model_export.plugins.ort_reference`).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -27,7 +33,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -390,6 +396,7 @@ def export_onnx(
     tolerance: float | None = None,
     check_shapes: Sequence[tuple[int, int, int, int]] | None = None,
     seed: int = 0,
+    plugins: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> ExportReport:
     """Export a model (or an HF checkpoint folder) to ``output`` and check it.
@@ -400,6 +407,10 @@ def export_onnx(
     (float32 graphs, for the CPU) stores the weights of every MatMul as int8, one scale per output channel,
     and quantizes activations at run time (ONNX Runtime's dynamic quantization: ``MatMulInteger``); it is
     checked at :data:`INT8_TOLERANCE`.
+
+    ``plugins`` writes TensorRT plugin nodes for multi-scale deformable attention and masked attention
+    (float32 graphs: TensorRT builds float16 engines from them); the file then needs TensorRT (or the CPU
+    reference ops of :mod:`model_export.plugins.ort_reference`) to run.
 
     The check runs ONNX Runtime and PyTorch on random inputs of ``check_shapes`` (B, 3, H, W) (default:
     the fixed shape; or batch 1 and 3 when the batch is dynamic; two sizes when the shape is dynamic) and
@@ -424,6 +435,13 @@ def export_onnx(
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     if quantize and fp16:
         raise ValueError("int8 quantization applies to float32 graphs; leave out fp16")
+    if plugins and (fp16 or quantize):
+        raise ValueError("plugin graphs are float32 (TensorRT builds float16 engines from them); leave out fp16/int8")
+    if plugins and check and importlib.util.find_spec("onnxruntime_extensions") is None:
+        raise ValueError(
+            "checking a plugin graph runs its plugin nodes through onnxruntime-extensions: pip install "
+            "onnxruntime-extensions, or skip the check (--no-check)"
+        )
     dtype = "float16" if fp16 else "float32"
     default_tolerance = INT8_TOLERANCE if quantize else TOLERANCE[dtype]
     tolerance = default_tolerance if tolerance is None else tolerance
@@ -450,7 +468,14 @@ def export_onnx(
     # the same. This changes nothing in the graph's arithmetic.
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), _quiet_exporter():
+    translations = None
+    plugin_context = nullcontext()
+    if plugins:  # the model calls the plugin ops while traced; each becomes one plugin node
+        from model_export.plugins import ops as plugin_ops
+
+        translations = plugin_ops.translation_table()
+        plugin_context = plugin_ops.plugin_ops(export_model)
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), _quiet_exporter(), plugin_context:
         with steps(f"trace with torch.export ({'dynamic' if axes else 'static'} shapes)"):
             program = torch.export.export(
                 OnnxWrapper(export_model), (example,), dynamic_shapes={"pixel_values": axes or None}, strict=False
@@ -465,6 +490,7 @@ def export_onnx(
                 opset_version=opset,
                 optimize=True,  # constant folding, and rewrites that e.g. turn sequence ops into Split
                 verbose=False,
+                custom_translation_table=translations,
             )
             proto = onnx_program.model_proto
     del program, onnx_program
@@ -482,7 +508,12 @@ def export_onnx(
             source_sha256=source_sha,
             source_files=source_files,
             opset=opset,
-            exporter={"torch": torch.__version__, "onnx": onnx.__version__, "exporter": "torch.export + torch.onnx"},
+            exporter={
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "exporter": "torch.export + torch.onnx",
+                **({"plugins": ", ".join(_plugin_ops())} if plugins else {}),
+            },
             quantization="int8-dynamic" if quantize else "",
         )
         write_metadata(proto, meta)
@@ -502,10 +533,16 @@ def export_onnx(
             failed = _set_aside(output)
             raise ExportCheckError(f"{len(foreign)} float tensors are not {dtype} ({sample}); graph moved to {failed}")
         ops = op_types(saved)
-        custom = [op for op in ops if "::" in op]
+        custom = [op for op in ops if "::" in op and op not in (_plugin_ops() if plugins else ())]
         if custom:
             failed = _set_aside(output)
             raise ExportCheckError(f"ops outside the standard ONNX domain: {custom}; graph moved to {failed}")
+        if plugins:  # one deformable-attention node per encoder layer, one masked-attention node per decoder layer
+            want = dict(zip(_plugin_ops(), (cfg.encoder_layers, cfg.decoder_layers)))
+            got = {op: ops.get(op, 0) for op in want}
+            if got != want:
+                failed = _set_aside(output)
+                raise ExportCheckError(f"plugin nodes {got}, expected {want}; graph moved to {failed}")
 
     report = ExportReport(
         path=output,
@@ -600,6 +637,12 @@ def _file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def _plugin_ops() -> tuple[str, ...]:
+    from model_export.plugins import PLUGIN_OPS
+
+    return PLUGIN_OPS
+
+
 def _ort_version() -> str:
     import onnxruntime
 
@@ -613,10 +656,20 @@ def _probes(model: Any, layers: int) -> tuple[list[str], list[str]] | None:
 
     The mask head is the graph's only ``Einsum`` ("bqc,bchw->bqhw"), once per step, in order, the last one
     being the ``mask_logits`` output; each layer's attention mask is the graph's only ``Or``
-    (``attend | ~anywhere`` in :func:`mask2former.transformer_decoder.attention_mask`).
+    (``attend | ~anywhere`` in :func:`mask2former.transformer_decoder.attention_mask`). In a plugin graph the
+    masked-attention nodes derive the mask themselves: there the names are those of their mask-logits inputs
+    (B, Q, S) instead, from which the caller derives the mask the plugin used.
     """
+    from model_export.plugins import MASKED_ATTENTION_DOMAIN, MASKED_ATTENTION_OP
+
     steps = [n.output[0] for n in model.graph.node if n.op_type == "Einsum"]
     masks = [n.output[0] for n in model.graph.node if n.op_type == "Or"]
+    if not masks:
+        masks = [
+            n.input[3]
+            for n in model.graph.node
+            if n.op_type == MASKED_ATTENTION_OP and n.domain == MASKED_ATTENTION_DOMAIN
+        ]
     if len(steps) != layers + 1 or steps[-1] != OUTPUT_NAMES[1] or len(masks) != layers:
         return None
     return steps, masks
@@ -632,14 +685,17 @@ def check_against_pytorch(
 ) -> list[CheckResult]:
     """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime and the float32 PyTorch model on each
     input (an array, or a (B, 3, H, W) shape for a standard-normal one drawn with ``seed``); compare the
-    outputs and every layer's attention mask (see the module docstring)."""
+    outputs and every layer's attention mask (see the module docstring). A plugin graph runs with the plugin
+    nodes' CPU reference implementations."""
     import onnx
     import onnxruntime as ort
 
+    from model_export.plugins.ort_reference import is_plugin_graph, reference_session
     from service.onnx_runtime import available_cpus
 
     if isinstance(onnx_model, str | Path):
         onnx_model = onnx.load(str(onnx_model))
+    plugin_graph = is_plugin_graph(onnx_model)
     layers = model.config.decoder_layers
     # Expose the intermediate mask logits and attention masks as extra outputs of a copy of the graph (not
     # possible past protobuf's 2 GB; then only the outputs are compared).
@@ -652,8 +708,9 @@ def check_against_pytorch(
         step_names, mask_names = probes
         for name in step_names[:-1]:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, _DTYPE_CODE[dtype], None))
+        mask_type = _DTYPE_CODE[dtype] if plugin_graph else onnx.TensorProto.BOOL  # plugin graphs: mask logits
         for name in mask_names:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None))
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, mask_type, None))
         extra = [*step_names[:-1], *mask_names]
         source = probe.SerializeToString()
         del probe
@@ -664,7 +721,10 @@ def check_against_pytorch(
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = available_cpus()
-    session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+    if plugin_graph:
+        session = reference_session(source, opts)
+    else:
+        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     del source
     np_dtype = np.float16 if dtype == "float16" else np.float32
 
@@ -685,7 +745,12 @@ def check_against_pytorch(
         result = CheckResult(shape, {}, {}, tolerance, seconds_onnxruntime=t1 - t0, seconds_pytorch=t2 - t1)
         if probes:
             ort_steps = [*got[2 : 2 + layers], got[1]]
-            ort_masks = [m.reshape(shape[0], 1, m.shape[-2], m.shape[-1]) for m in got[2 + layers :]]
+            if plugin_graph:  # the mask each masked-attention node derived from its logits (B, Q, S)
+                from model_export.plugins.ops import level_attention_mask
+
+                ort_masks = [level_attention_mask(m) for m in got[2 + layers :]]
+            else:
+                ort_masks = [m.reshape(shape[0], 1, m.shape[-2], m.shape[-1]) for m in got[2 + layers :]]
             _find_flips(result, ort_masks, ref_steps, shape[-2:], tolerance)
         if result.first_flip_step is None:
             pairs = {"class_logits": (got[0], ref.class_logits), "mask_logits": (got[1], ref.mask_logits)}

@@ -86,7 +86,15 @@ class OnnxRunner:
         self.providers = providers or ["CPUExecutionProvider"]
         self.cache_path: Path | None = None
         self.cache_hit = False
-        self.session = self._open(cache_dir)
+        try:
+            self.session = self._open(cache_dir)
+        except Exception as e:  # ONNX Runtime's own error types are not importable classes
+            if "is not a registered function/op" in str(e) and ("trt.plugins" in str(e) or "m2f:" in str(e)):
+                raise ValueError(
+                    f"{self.path} has TensorRT plugin nodes (exported with --plugins): ONNX Runtime cannot serve "
+                    "it; export without --plugins for ONNX Runtime"
+                ) from None
+            raise
         props = self.session.get_modelmeta().custom_metadata_map
         if self.cache_hit and "mask2former" not in props:  # an optimized copy without the metadata
             props = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"]).get_modelmeta()
