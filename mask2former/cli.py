@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-TASKS = ("panoptic", "instance", "semantic")
+from mask2former.postprocess_numpy import TASKS
 
 
 def segment_image(

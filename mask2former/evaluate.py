@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from mask2former import metrics
+from mask2former.postprocess_numpy import TASKS
 
-TASKS = ("panoptic", "instance", "semantic")
 MAX_INSTANCES = 100  # COCO scores at most 100 detections per image
 
 

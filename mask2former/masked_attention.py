@@ -38,6 +38,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from mask2former.transformer_decoder import attention_mask_at_level
+
 try:
     import triton
     import triton.language as tl
@@ -83,10 +85,8 @@ def masked_attention_reference(
     (see ``SIGMOID_HALF_BAND_F32``; the often-quoted ~6e-8 = 2**-24 is a third of the real band), float16
     ``|logit| <= 2**-11``, bfloat16 ``|logit| <= 2**-8``. There the kernel blocks and this attends.
     """
-    half = torch.full((), 0.5, dtype=mask_logits.dtype, device=mask_logits.device)
-    attend = mask_logits.sigmoid() >= half  # (B, Q, S)
-    attend = attend | ~attend.any(dim=-1, keepdim=True)  # rows blocked everywhere attend everywhere
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attend.unsqueeze(1), scale=scale)  # (B, H, Q, d)
+    attend = attention_mask_at_level(mask_logits)  # (B, 1, Q, S): the model's own rule
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=scale)  # (B, H, Q, d)
 
 
 def triton_available() -> bool:

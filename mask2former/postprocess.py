@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 # The result types and MASK_STRIDE live in the torch-free module and are re-exported from here; in the results of
 # this module their arrays are torch tensors.
-from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment, check_batch
+from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment, check_batch, check_sizes
 
 _SEMANTIC_CHUNK = 1 << 18  # pixels per (K, Q) @ (Q, pixels) product in semantic_segmentation
 
@@ -37,14 +37,7 @@ def masks_to_image(mask_logits: torch.Tensor, resized_size: Size, original_size:
     upsampling everything (the upsampling is local and the scale stays exactly 4).
     """
     n, h, w = mask_logits.shape
-    rh, rw = int(resized_size[0]), int(resized_size[1])
-    oh, ow = int(original_size[0]), int(original_size[1])
-    if not (0 < rh <= MASK_STRIDE * h and 0 < rw <= MASK_STRIDE * w):
-        raise ValueError(
-            f"resized size {resized_size} does not fit the padded size {(MASK_STRIDE * h, MASK_STRIDE * w)}"
-        )
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"original size must be positive, got {original_size}")
+    (rh, rw), (oh, ow) = check_sizes((h, w), resized_size, original_size)
     if n == 0:
         return mask_logits.new_zeros((0, oh, ow))
     # An output row y < rh reads input rows floor((y + 0.5) / 4 - 0.5) and the next one, both < ceil(rh / 4) + 1.

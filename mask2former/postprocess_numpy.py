@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+TASKS = ("panoptic", "instance", "semantic")
 MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_stride the config allows)
 _SEMANTIC_CHUNK = 1 << 15  # pixels per (pixels, Q) @ (Q, K) product in semantic_segmentation (17 MB at K = 133)
 _LOGIT_CLIP = 1e4  # non-finite mask logits are clipped to this: in a matrix product an inf spreads NaN (0 * inf)
@@ -94,14 +95,7 @@ def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: S
     """
     x = np.asarray(mask_logits)
     n, h, w = x.shape
-    rh, rw = int(resized_size[0]), int(resized_size[1])
-    oh, ow = int(original_size[0]), int(original_size[1])
-    if not (0 < rh <= MASK_STRIDE * h and 0 < rw <= MASK_STRIDE * w):
-        raise ValueError(
-            f"resized size {resized_size} does not fit the padded size {(MASK_STRIDE * h, MASK_STRIDE * w)}"
-        )
-    if oh <= 0 or ow <= 0:
-        raise ValueError(f"original size must be positive, got {original_size}")
+    (rh, rw), (oh, ow) = check_sizes((h, w), resized_size, original_size)
     if n == 0:
         return np.zeros((0, oh, ow), dtype=np.float32)
     ah = _resize_matrix(h, rh, oh)  # (H, hc)
@@ -120,6 +114,20 @@ def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: S
         return np.matmul(ah, t)  # (N, H, W)
     t = np.matmul(ah, x)  # (N, H, wc)
     return np.matmul(t.reshape(n * oh, wc), aw.T).reshape(n, oh, ow)  # (N, H, W)
+
+
+def check_sizes(logit_size: Size, resized_size: Size, original_size: Size) -> tuple[Size, Size]:
+    """Validate one image's sizes against its (h, w) stride-4 logits; returns (resized, original) as ints."""
+    h, w = logit_size
+    rh, rw = int(resized_size[0]), int(resized_size[1])
+    oh, ow = int(original_size[0]), int(original_size[1])
+    if not (0 < rh <= MASK_STRIDE * h and 0 < rw <= MASK_STRIDE * w):
+        raise ValueError(
+            f"resized size {resized_size} does not fit the padded size {(MASK_STRIDE * h, MASK_STRIDE * w)}"
+        )
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"original size must be positive, got {original_size}")
+    return (rh, rw), (oh, ow)
 
 
 def _sigmoid_(x: np.ndarray) -> np.ndarray:

@@ -28,7 +28,6 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import UnidentifiedImageError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -203,8 +202,6 @@ def decode_and_prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
         image = pipeline.decode(data, state.settings.max_pixels)
     except UnsupportedImageFormat as e:
         raise HTTPError(415, "unsupported_media_type", str(e)) from None
-    except UnidentifiedImageError:
-        raise HTTPError(415, "unsupported_media_type", "not an image") from None
     except ImageTooLarge as e:
         raise HTTPError(413, "too_large", str(e)) from None
     except (ValueError, OSError) as e:  # zero-size, truncated, corrupt

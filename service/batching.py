@@ -192,7 +192,6 @@ class Batcher:
         self.clock = clock
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self.busy = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
@@ -242,18 +241,16 @@ class Batcher:
                 continue
             size = self.policy.padded_size(batch)
             started = self.clock()
-            self.busy = True
-            try:
-                pixel_values = assemble(batch, size, self.fixed_batch)
-                class_logits, mask_logits = await loop.run_in_executor(self.executor, self.run, pixel_values)
+            try:  # padding the batch is a large copy: it runs in the executor too, off the event loop
+                class_logits, mask_logits = await loop.run_in_executor(
+                    self.executor, lambda b=batch, s=size: self.run(assemble(b, s, self.fixed_batch))
+                )
             except Exception as e:  # the batch's requests fail; the worker goes on
                 log.exception("batch of %d failed", len(batch))
                 for it in batch:
                     if not it.future.done():
                         it.future.set_exception(e)
                 continue
-            finally:
-                self.busy = False
             inference_s = self.clock() - started
             self.on_batch(len(batch), inference_s)
             for i, it in enumerate(batch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -16,10 +17,10 @@ from PIL import Image
 
 from mask2former import postprocess_numpy as post
 from mask2former.config import Mask2FormerConfig
+from mask2former.postprocess_numpy import TASKS
 from mask2former.processing import load_image, preprocess, resize_shape
 from service import encoding
 
-TASKS = ("panoptic", "instance", "semantic")
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
 
 Size = tuple[int, int]
@@ -60,7 +61,7 @@ def prepare(image: Image.Image, config: Mask2FormerConfig, fixed_size: Size | No
         if scale < 1.0:  # resize straight to the fitting size, then leave preprocessing's resize a no-op
             fh, fw = max(int(rh * scale), 1), max(int(rw * scale), 1)
             image = image.resize((fw, fh), Image.Resampling.BILINEAR)
-            pre = pre.__class__(**{**pre.__dict__, "shortest_edge": min(fh, fw), "longest_edge": 0})
+            pre = replace(pre, shortest_edge=min(fh, fw), longest_edge=0)
     batch = preprocess([image], pre)
     return Prepared(batch.pixel_values[0], batch.resized_sizes[0], (h, w))
 
