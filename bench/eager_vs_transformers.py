@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import DATASETS, SWIN, architecture, save_hf_checkpoint  # noqa: E402
-from mask2former.transformer_decoder import attention_mask  # noqa: E402
+from mask2former.transformer_decoder import attention_mask, attention_mask_at_level  # noqa: E402
 
 REL_TOL = 1e-4
 
@@ -126,7 +126,7 @@ def flipped_mask_bits(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.T
     """
     features = ours.backbone(x)
     mask_features, multi_scale = ours.pixel_decoder(features)
-    preds = ours.decoder(multi_scale, mask_features, all_layers=True)
+    preds, attention_logits = ours.decoder(multi_scale, mask_features, all_layers=True)
     r = theirs(pixel_values=x, output_auxiliary_logits=True)
     steps = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in r.auxiliary_logits]
     steps.append((r.class_queries_logits, r.masks_queries_logits))
@@ -137,7 +137,8 @@ def flipped_mask_bits(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.T
             return flips or None
         if i + 1 < len(preds):
             size = multi_scale[i % len(multi_scale)].shape[-2:]
-            flips = int((attention_mask(p.mask_logits, size) != attention_mask(ref[1], size)).sum())
+            ours_mask = attention_mask_at_level(attention_logits[i])  # what our layer i attended with
+            flips = int((ours_mask != attention_mask(ref[1], size)).sum())
     return None
 
 

@@ -1,12 +1,17 @@
-"""The two op-level choices behind our eager speed, each timed against the obvious alternative.
+"""The op-level choices behind our eager speed, each timed against the obvious alternative.
 
     python bench/ops.py [--size 640] [--iters 20]
 
 1. Swin window attention: ``scaled_dot_product_attention`` on 4-D (B*nW, heads, N, d) tensors (ours),
    against the same call on 5-D (B, nW, heads, N, d) tensors and against matmul + softmax (what
    ``transformers`` does). Shapes: swin-tiny stage 1 for a size x size input.
-2. MSDeformAttn reduction of the sampled values: one fused multiply-add per sampling point (ours),
-   against ``(samples * weights).sum(-1)``. Shapes: the stride-8 level for a size x size input.
+2. MSDeformAttn reduction of the sampled values: one fused multiply-add per sampling point on samples laid
+   out points-major (N, d, P, Sq) so that each point's slice is contiguous (ours), against the same on
+   points-last samples (N, d, Sq, P) and against ``(samples * weights).sum(-1)``. Shapes: all three levels
+   for a size x size input.
+3. The mask logits each decoder layer attends with: the mask embeddings projected onto the mask features
+   resized to the layer's level (ours), against projecting at 1/4 resolution and resizing the logits (the
+   reference). Shapes: swin-tiny COCO (100 queries, 256 channels), one pass over the three levels.
 
 Each pair is checked to give the same result before it is timed; medians in ms and the ratio are printed.
 """
@@ -76,22 +81,63 @@ def deform_reduction(size: int, iters: int) -> None:
     gen = torch.Generator().manual_seed(0)
     n, d, points = 8, 32, 4  # batch 1 x 8 heads, head dim 32, 4 points
     sq = sum((size // s) ** 2 for s in (8, 16, 32))
-    samples = torch.randn(n, d, sq, points, generator=gen)
-    weights = torch.rand(n, 1, sq, points, generator=gen)
+    samples = torch.randn(n, d, points, sq, generator=gen)  # points-major, as grid_sample gives them to us
+    weights = torch.rand(n, 1, points, sq, generator=gen)
+    samples_last, weights_last = samples.permute(0, 1, 3, 2).contiguous(), weights.permute(0, 1, 3, 2).contiguous()
 
     def ours():
         out = torch.zeros(n, d, sq)
         for p in range(points):
-            out.addcmul_(samples[..., p], weights[..., p])
+            out.addcmul_(samples[:, :, p], weights[:, :, p])
+        return out
+
+    def points_last():
+        out = torch.zeros(n, d, sq)
+        for p in range(points):
+            out.addcmul_(samples_last[..., p], weights_last[..., p])
         return out
 
     def mul_sum():
-        return (samples * weights).sum(-1)
+        return (samples_last * weights_last).sum(-1)
 
     report(
         f"MSDeformAttn reduction, one level: {n} x {d} x {sq} queries x {points} points",
         ours,
-        {"mul + sum     ": mul_sum},
+        {"points last   ": points_last, "mul + sum     ": mul_sum},
+        iters,
+    )
+
+
+def level_mask_logits(size: int, iters: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    queries, channels = 100, 256
+    features = torch.randn(1, channels, size // 4, size // 4, generator=gen)  # mask features, 1/4 resolution
+    embed = torch.randn(1, queries, channels, generator=gen)  # one step's mask embeddings
+    levels = [(size // s, size // s) for s in (32, 16, 8)]
+
+    def ours():  # in the model the resized features are shared by the three layers of each level
+        return torch.cat(
+            [
+                torch.einsum(
+                    "bqc,bcs->bqs",
+                    embed,
+                    F.interpolate(features, size=lvl, mode="bilinear", align_corners=False).flatten(2),
+                )
+                for lvl in levels
+            ],
+            -1,
+        )
+
+    def full_resolution():
+        logits = torch.einsum("bqc,bchw->bqhw", embed, features)
+        return torch.cat(
+            [F.interpolate(logits, size=lvl, mode="bilinear", align_corners=False).flatten(2) for lvl in levels], -1
+        )
+
+    report(
+        f"Mask logits at the three attention levels, {queries} queries x {channels} channels at {size}x{size}",
+        ours,
+        {"full res+resize": full_resolution},
         iters,
     )
 
@@ -105,6 +151,7 @@ def main() -> None:
     with torch.inference_mode():
         window_attention(args.size, args.iters)
         deform_reduction(args.size, args.iters)
+        level_mask_logits(args.size, args.iters)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ class Mask2FormerOutput(NamedTuple):
     class_logits: torch.Tensor  # (B, Q, K+1); the last class is "no object"
     mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
     aux: tuple[Prediction, ...] | None = None  # earlier predictions, first to last, when asked for
+    # With aux: per decoder layer, the mask logits its attention mask came from, (B, Q, S_l) at its level.
+    attention_logits: tuple[torch.Tensor, ...] | None = None
 
 
 class Mask2Former(nn.Module):
@@ -36,6 +38,8 @@ class Mask2Former(nn.Module):
     def forward(self, pixel_values: torch.Tensor, aux: bool = False) -> Mask2FormerOutput:
         features = self.backbone(pixel_values)  # strides 4, 8, 16, 32
         mask_features, multi_scale = self.pixel_decoder(features)
-        preds = self.decoder(multi_scale, mask_features, all_layers=aux)
+        preds, attention_logits = self.decoder(multi_scale, mask_features, all_layers=aux)
         last = preds[-1]
-        return Mask2FormerOutput(last.class_logits, last.mask_logits, tuple(preds[:-1]) if aux else None)
+        if not aux:
+            return Mask2FormerOutput(last.class_logits, last.mask_logits)
+        return Mask2FormerOutput(last.class_logits, last.mask_logits, tuple(preds[:-1]), tuple(attention_logits))

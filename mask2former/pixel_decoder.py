@@ -68,16 +68,23 @@ def ms_deform_attn(
     grids = 2 * locations - 1
     per_level = value.split([h * w for h, w in shapes], dim=1)
     out = torch.zeros(b * heads, d, sq, dtype=value.dtype, device=value.device)
-    # One level at a time: sample, then accumulate weight x sample one point at a time with a fused
-    # multiply-add. Never materializes the (B*heads, d, Sq, L*P) stack of all samples, and ~4.6x faster on
-    # the CPU than (samples * weights).sum(-1) (bench/ops.py).
+    # One level at a time: sample with the points as the outer axis of the grid, so each point's samples are
+    # one contiguous slice, then accumulate weight x sample one point at a time with a fused multiply-add.
+    # Never materializes the (B*heads, d, L*P, Sq) stack of all samples, and several times faster on the CPU
+    # than (samples * weights).sum(-1) (bench/ops.py).
     for lvl, (h, w) in enumerate(shapes):
         v = per_level[lvl].permute(0, 2, 3, 1).reshape(b * heads, d, h, w)  # (B*heads, d, H, W)
-        g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, sq, points, 2)  # (B*heads, Sq, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*heads, d, Sq, P)
-        a = weights[:, :, :, lvl].transpose(1, 2).reshape(b * heads, 1, sq, points)  # (B*heads, 1, Sq, P)
+        g = grids[:, :, :, lvl].permute(0, 2, 3, 1, 4).reshape(b * heads, points, sq, 2)  # (B*heads, P, Sq, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*heads, d, P, Sq)
+        a = weights[:, :, :, lvl].permute(0, 2, 3, 1).reshape(b * heads, 1, points, sq)  # (B*heads, 1, P, Sq)
+        if torch.compiler.is_exporting() and value.dtype == torch.float32:
+            # In an ONNX graph the per-point slices are a Split plus a Mul and an Add per point; one Mul and
+            # one ReduceSum is faster in ONNX Runtime (bench/onnxruntime_profile.py). Float32 only: the
+            # exporter widens a float16 sum to float32.
+            out = out + (sampled * a).sum(2)  # (B*heads, d, Sq)
+            continue
         for p in range(points):
-            out.addcmul_(sampled[..., p], a[..., p])  # (B*heads, d, Sq)
+            out.addcmul_(sampled[:, :, p], a[:, :, p])  # (B*heads, d, Sq)
     return out.view(b, heads * d, sq).transpose(1, 2)  # (B, Sq, heads*d)
 
 
@@ -100,11 +107,17 @@ class MSDeformAttn(nn.Module):
         """query (B, S, C) with position added; reference (S, 2) in [0, 1]; value (B, S, C) -> (B, S, C)."""
         b, s, c = query.shape
         v = self.value_proj(value).view(b, s, self.heads, c // self.heads)
-        offsets = self.sampling_offsets(query).view(b, s, self.heads, self.levels, self.points, 2)
+        # The offsets are in pixels of each level; dividing the projection's rows by the level size (W_l or
+        # H_l) gives them in [0, 1] units directly, instead of dividing every offset (a broadcast over
+        # (B, S, heads, L, P, 2) that costs ONNX Runtime more than the matmul).
+        normalizer = _level_sizes(shapes, query.device, query.dtype)  # (L, 2) as (W_l, H_l)
+        rows = normalizer[None, :, None, :].expand(self.heads, -1, self.points, -1).reshape(-1, 1)  # (heads*L*P*2, 1)
+        proj = self.sampling_offsets
+        offsets = F.linear(query, proj.weight / rows, proj.bias / rows[:, 0])  # (B, S, heads*L*P*2)
+        offsets = offsets.view(b, s, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
-        normalizer = _level_sizes(shapes, query.device, query.dtype)  # (L, 2) as (W_l, H_l)
-        locations = reference[None, :, None, None, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        locations = reference[None, :, None, None, None, :] + offsets
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
 
 

@@ -5,8 +5,11 @@ from the previous prediction has sigmoid >= 0.5; a query blocked everywhere atte
 mask comes from the learnable query features before layer 0. The mask is built with elementwise ops only
 (no boolean indexing, no ``.item()``) so the module traces and exports.
 
+The mask logits each layer thresholds are computed at the layer's level, from the mask features resized
+to it (see :meth:`TransformerDecoder.forward`); ``Mask2Former(..., aux=True)`` returns them.
+
 With ``TransformerDecoder.use_fused_attention`` (off by default; the CUDA runtime turns it on) the
-cross-attention gets the resized mask logits instead and runs the fused Triton kernel of
+cross-attention gets those mask logits instead and runs the fused Triton kernel of
 :mod:`mask2former.masked_attention`, which derives the mask on the fly (attend where logit >= 0).
 """
 
@@ -25,6 +28,11 @@ from mask2former.pixel_decoder import NUM_LEVELS, sine_position_embedding
 class Prediction(NamedTuple):
     class_logits: torch.Tensor  # (B, Q, K+1)
     mask_logits: torch.Tensor  # (B, Q, H/4, W/4)
+
+
+class DecoderOutput(NamedTuple):
+    predictions: list[Prediction]  # the last one is the model output; earlier steps only with all_layers
+    attention_logits: list[torch.Tensor]  # per layer: the mask logits it attended with, (B, Q, S_l) at its level
 
 
 def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -90,6 +98,8 @@ class MultiheadAttention(nn.Module):
 
             out = masked_attention(q, k, v, mask_logits)  # (B, heads, Q, d)
         else:
+            if mask is not None:  # additive: a boolean mask exports as a Where on every head plus a NaN guard
+                mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(~mask, float("-inf"))  # (B, 1, Q, S)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, heads, Q, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, nq, c))
 
@@ -191,25 +201,34 @@ class TransformerDecoder(nn.Module):
 
     def forward(
         self, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, all_layers: bool = False
-    ) -> list[Prediction]:
+    ) -> DecoderOutput:
         """multi_scale: [(B, C, h_l, w_l)] for strides 32, 16, 8.
 
         Returns the final prediction, or with ``all_layers`` one prediction per step (the first from the
-        learnable queries, then one after each layer; the last is the model output).
+        learnable queries, then one after each layer; the last is the model output), and the mask logits
+        each layer attended with, at its level.
+
+        Those mask logits are computed at the level directly: ``mask_features`` is resized to each level once
+        and each step's mask embeddings are projected onto it. Bilinear resizing is linear and acts on each
+        channel alone, so this equals resizing the full-resolution mask logits (what the reference does) up to
+        float rounding, and skips a full-resolution mask product per layer (bench/ops.py).
         """
         b = mask_features.shape[0]
         memory, memory_pos, sizes = self.memory(multi_scale)
+        level_features = [  # (B, C_m, S_l)
+            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False).flatten(2) for size in sizes
+        ]
         x = self.query_feat.unsqueeze(0).expand(b, -1, -1)  # (B, Q, C)
-        pred = self.predict(x, mask_features)
-        preds = [pred]
+        preds, attention_logits = [], []
         for i, layer in enumerate(self.layers):
             lvl = i % NUM_LEVELS
+            if all_layers:
+                preds.append(self.predict(x, mask_features))
+            logits = torch.einsum("bqc,bcs->bqs", self.mask_head(self.norm(x)), level_features[lvl])  # (B, Q, S)
+            attention_logits.append(logits)
             if self.use_fused_attention:
-                logits = level_mask_logits(pred.mask_logits, sizes[lvl])  # (B, Q, S)
                 x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], None, logits)
             else:
-                mask = attention_mask(pred.mask_logits, sizes[lvl])  # (B, 1, Q, S)
-                x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], mask)
-            pred = self.predict(x, mask_features)
-            preds.append(pred)
-        return preds if all_layers else [pred]
+                x = layer(x, self.query_pos, memory[lvl], memory_pos[lvl], attention_mask_at_level(logits))
+        preds.append(self.predict(x, mask_features))
+        return DecoderOutput(preds, attention_logits)

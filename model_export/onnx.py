@@ -2,7 +2,7 @@
 
 :func:`export_onnx` traces the model with ``torch.export`` (the exporter behind
 ``torch.onnx.export(..., dynamo=True)``), converts it to ONNX with standard ops only (masked attention is
-MatMul/Softmax/Where, MSDeformAttn is ``GridSample``), writes the runtime metadata (see
+MatMul/Softmax with an additive mask, MSDeformAttn is ``GridSample``), writes the runtime metadata (see
 :mod:`model_export.metadata`), then checks the written file: ``onnx.checker``, a scan that every float
 tensor has the export dtype (no float64 anywhere), and a run in ONNX Runtime compared with PyTorch on test
 inputs. The check fails the export when the difference is over the tolerance.
@@ -10,10 +10,10 @@ inputs. The check fails the export when the difference is over the tolerance.
 Masked attention thresholds each layer's mask logits at 0, so a logit within rounding of 0 can fall on
 either side in two correct implementations and change what that query attends to; after such a flip the
 two outputs legitimately differ. The check therefore also reads, out of ONNX Runtime, the boolean
-attention mask each decoder layer actually used and every step's mask logits, and compares the masks with
-PyTorch's: outputs are compared in full only when no mask bit flipped; a flip is reported, accepted only
-where the logit is within the tolerance of 0, and then the mask logits up to the flip are compared
-instead. Nothing is loosened to absorb it.
+attention mask each decoder layer actually used and the mask logits (at the layer's level) it came from,
+and compares both with PyTorch's: outputs are compared in full only when no mask bit flipped; a flip is
+reported, accepted only where the logit is within the tolerance of 0, and then the mask logits up to the
+flip are compared instead. Nothing is loosened to absorb it.
 
 With ``plugins=True`` (``m2f export onnx --plugins``, for TensorRT) multi-scale deformable attention and masked
 attention are exported as custom-domain plugin nodes instead (:mod:`model_export.plugins`); the op scan then
@@ -44,7 +44,7 @@ from torch import nn
 
 from mask2former.config import Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
-from mask2former.transformer_decoder import attention_mask
+from mask2former.transformer_decoder import attention_mask_at_level
 from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, file_sha256, write_metadata
 
 DEFAULT_OPSET = 20  # torch 2.13's default; GridSample needs >= 16, the torch.export-based exporter >= 18
@@ -95,9 +95,9 @@ class CheckResult:
     max_abs_ref: dict[str, float]
     tolerance: float
     mask_flips: int = 0  # attention-mask entries (query, pixel) that differ between the two
-    first_flip_step: int | None = None  # the first prediction step whose attention mask differs
+    first_flip_layer: int | None = None  # the first decoder layer whose attention mask differs
     flips_near_zero: bool = True  # every flip sits at a logit within the tolerance of 0
-    steps_compared: int = 0  # mask-logit steps compared when a flip cut the comparison short
+    layers_compared: int = 0  # layers whose mask logits were compared when a flip cut the comparison short
     seconds_onnxruntime: float = 0.0
     seconds_pytorch: float = 0.0
 
@@ -118,8 +118,8 @@ class CheckResult:
         if self.mask_flips:
             where = "all at |logit| within tolerance of 0" if self.flips_near_zero else "NOT all near a 0 logit"
             text += (
-                f"; {self.mask_flips} attention-mask entries flipped from step {self.first_flip_step} ({where}),"
-                f" so mask logits were compared up to that step only"
+                f"; {self.mask_flips} attention-mask entries flipped from decoder layer {self.first_flip_layer}"
+                f" ({where}), so the mask logits of layers up to that one were compared instead of the outputs"
             )
         return text
 
@@ -651,11 +651,14 @@ def _ort_version() -> str:
 
 # ---------------------------------------------------------------------------------------------- check
 def _probes(model: Any, layers: int) -> tuple[list[str], list[str]] | None:
-    """Names of the intermediate tensors the check reads: the mask logits of every prediction step (first to
-    last) and the boolean attention mask each decoder layer used, or None if they cannot be identified.
+    """Names of the intermediate tensors the check reads: the mask logits each decoder layer attended with
+    (at its level) then the ``mask_logits`` output, and the boolean attention mask each layer used; or None if
+    they cannot be identified.
 
-    The mask head is the graph's only ``Einsum`` ("bqc,bchw->bqhw"), once per step, in order, the last one
-    being the ``mask_logits`` output; each layer's attention mask is the graph's only ``Or``
+    The mask products are the graph's only ``Einsum`` nodes, in order: "bqc,bcs->bqs" once per layer on the
+    mask features resized to its level, then "bqc,bchw->bqhw" for the ``mask_logits`` output (see
+    :meth:`mask2former.transformer_decoder.TransformerDecoder.forward`); each layer's attention mask is the
+    graph's only ``Or``
     (``attend | ~anywhere`` in :func:`mask2former.transformer_decoder.attention_mask`). In a plugin graph the
     masked-attention nodes derive the mask themselves: there the names are those of their mask-logits inputs
     (B, Q, S) instead, from which the caller derives the mask the plugin used.
@@ -741,7 +744,7 @@ def check_against_pytorch(
             ref = model(x, aux=True)
         t2 = time.perf_counter()
         got = [torch.from_numpy(g if g.dtype == np.bool_ else g.astype(np.float32)) for g in got]
-        ref_steps = [p.mask_logits for p in (*ref.aux, ref)]
+        ref_steps = [*ref.attention_logits, ref.mask_logits]  # per layer (B, Q, S_l), then (B, Q, H/4, W/4)
         result = CheckResult(shape, {}, {}, tolerance, seconds_onnxruntime=t1 - t0, seconds_pytorch=t2 - t1)
         if probes:
             ort_steps = [*got[2 : 2 + layers], got[1]]
@@ -751,12 +754,12 @@ def check_against_pytorch(
                 ort_masks = [level_attention_mask(m) for m in got[2 + layers :]]
             else:
                 ort_masks = [m.reshape(shape[0], 1, m.shape[-2], m.shape[-1]) for m in got[2 + layers :]]
-            _find_flips(result, ort_masks, ref_steps, shape[-2:], tolerance)
-        if result.first_flip_step is None:
+            _find_flips(result, ort_masks, ref_steps[:-1], tolerance)
+        if result.first_flip_layer is None:
             pairs = {"class_logits": (got[0], ref.class_logits), "mask_logits": (got[1], ref.mask_logits)}
-        else:  # the mask logits of every step up to the first flip must still agree
-            result.steps_compared = result.first_flip_step + 1
-            pairs = {f"mask_logits step {i}": (ort_steps[i], ref_steps[i]) for i in range(result.steps_compared)}
+        else:  # the mask logits of every layer up to the first flip must still agree
+            result.layers_compared = result.first_flip_layer + 1
+            pairs = {f"mask logits of layer {i}": (ort_steps[i], ref_steps[i]) for i in range(result.layers_compared)}
         for name, (a, b) in pairs.items():
             if a.shape != b.shape:
                 raise ExportCheckError(f"{name}: ONNX Runtime shape {tuple(a.shape)} != PyTorch {tuple(b.shape)}")
@@ -769,34 +772,29 @@ def check_against_pytorch(
 def _find_flips(
     result: CheckResult,
     ort_masks: list[torch.Tensor],
-    ref_steps: list[torch.Tensor],
-    size: tuple[int, int],
+    ref_logits: list[torch.Tensor],
     tolerance: float,
 ) -> None:
     """Compare the attention mask each decoder layer used in ONNX Runtime (bool (B, 1, Q, S)) with the one
-    PyTorch derives from the previous step's mask logits; record flips and whether each sits at a logit
-    within ``tolerance`` x max |logit| of 0."""
-    h, w = size
-    level_sizes = [(-(-h // s), -(-w // s)) for s in (32, 16, 8)]  # the backbone rounds up at every stage
-    for i, got in enumerate(ort_masks):  # layer i attends with the mask of step i
-        lvl_size = level_sizes[i % 3]
-        want = attention_mask(ref_steps[i], lvl_size)
+    PyTorch derives from the mask logits that layer attended with (``ref_logits``, (B, Q, S) at its level);
+    record flips and whether each sits at a logit within ``tolerance`` x max |logit| of 0."""
+    for i, (got, logits) in enumerate(zip(ort_masks, ref_logits, strict=True)):  # layer i
+        want = attention_mask_at_level(logits)
         if got.shape != want.shape:
             raise ExportCheckError(f"layer {i} attention mask: shape {tuple(got.shape)} != {tuple(want.shape)}")
         differ = got != want
         if not differ.any():
             continue
-        resized = torch.nn.functional.interpolate(ref_steps[i], size=lvl_size, mode="bilinear", align_corners=False)
-        resized = resized.flatten(2).unsqueeze(1)  # (B, 1, Q, S)
-        near = resized.abs() <= tolerance * ref_steps[i].abs().max()
+        logits = logits.unsqueeze(1)  # (B, 1, Q, S)
+        near = logits.abs() <= tolerance * logits.abs().max()
         # A bit flips because its own logit is near 0, or because its whole row opened or closed: a query
         # blocked everywhere attends everywhere. PyTorch's row was blocked everywhere and one of its logits
         # is near 0, or ONNX Runtime's row is fully open and every logit PyTorch has open is near 0.
-        opened = resized.sigmoid() >= 0.5
+        opened = logits.sigmoid() >= 0.5
         ref_row = ~opened.any(-1, keepdim=True) & near.any(-1, keepdim=True)
         ort_row = got.all(-1, keepdim=True) & (~opened | near).all(-1, keepdim=True)
         explained = near | ref_row | ort_row
         result.flips_near_zero &= bool(explained[differ].all())
         result.mask_flips += int(differ.sum())
-        if result.first_flip_step is None:
-            result.first_flip_step = i
+        if result.first_flip_layer is None:
+            result.first_flip_layer = i

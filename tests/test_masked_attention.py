@@ -41,7 +41,7 @@ from mask2former.masked_attention import (  # noqa: E402
     masked_attention,
     masked_attention_reference,
 )
-from mask2former.transformer_decoder import DecoderLayer, attention_mask, level_mask_logits  # noqa: E402
+from mask2former.transformer_decoder import DecoderLayer, attention_mask, attention_mask_at_level  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not ma.triton_available(), reason="triton is not installed (pip install triton)")
 
@@ -296,14 +296,12 @@ def test_tiny_model_fused_matches_unfused(device):
     with torch.inference_mode():
         model.decoder.use_fused_attention = False
         off = model(x, aux=True)
-        _, multi_scale = model.pixel_decoder(model.backbone(x))
         decoder.use_fused_attention = True
         on = model(x, aux=True)
     off_steps, on_steps = (*off.aux, off), (*on.aux, on)
     for i in range(model.config.decoder_layers):  # the masks each layer attends with, by both rules
-        size = multi_scale[i % 3].shape[-2:]
-        resized = level_mask_logits(off_steps[i].mask_logits, size)  # (B, Q, S), what the kernel gets
-        sigmoid_rule = attention_mask(off_steps[i].mask_logits, size)  # (B, 1, Q, S)
+        resized = off.attention_logits[i]  # (B, Q, S), what the kernel gets
+        sigmoid_rule = attention_mask_at_level(resized)  # (B, 1, Q, S)
         sign_rule = resized >= 0
         sign_rule = (sign_rule | ~sign_rule.any(-1, keepdim=True)).unsqueeze(1)
         near = resized.abs().le(SIGMOID_HALF_BAND_F32).sum().item()

@@ -151,32 +151,31 @@ def test_check_detects_a_wrong_model(tiny_export, tiny_folder):
 
 def test_attention_mask_flips_are_attributed():
     """A flipped attention-mask bit is accepted only where the logit is within the tolerance of 0."""
-    from mask2former.transformer_decoder import attention_mask
+    from mask2former.transformer_decoder import attention_mask_at_level
     from model_export.onnx import CheckResult, _find_flips
 
-    logits = torch.full((1, 2, 16, 16), 3.0)  # step-0 mask logits of a 64x64 input; layer 0 sees 2x2
-    logits[0, 1, 8:] = -3.0
-    logits[0, 0, :8, :8] = 1e-6  # resizes to ~1e-6 at (0, 0)
-    steps = [logits, logits]
-    # (query, pixel, logit near 0): query 0 at (0, 0) is ~1e-6, the other logits are +-3.
+    logits = torch.full((1, 2, 4), 3.0)  # the mask logits layer 0 attended with (B, Q, S), a 2x2 level
+    logits[0, 1, 2:] = -3.0
+    logits[0, 0, 0] = 1e-6
+    # (query, pixel, logit near 0): query 0 at pixel 0 is 1e-6, the other logits are +-3.
     for query, pixel, near in ((0, 0, True), (0, 3, False), (1, 0, False)):
-        flipped = attention_mask(logits, (2, 2)).clone()
+        flipped = attention_mask_at_level(logits).clone()
         flipped[0, 0, query, pixel] = ~flipped[0, 0, query, pixel]
         result = CheckResult((1, 3, 64, 64), {}, {}, REL_TOL)
-        _find_flips(result, [flipped], steps, (64, 64), REL_TOL)
-        assert (result.mask_flips, result.first_flip_step, result.flips_near_zero) == (1, 0, near)
+        _find_flips(result, [flipped], [logits], REL_TOL)
+        assert (result.mask_flips, result.first_flip_layer, result.flips_near_zero) == (1, 0, near)
     # A row blocked everywhere in PyTorch (hence fully open) whose logits are all near 0: ONNX Runtime may see
     # one of them positive and open only that pixel; every other bit of the row flips, all explained.
     near_blocked = logits.clone()
     near_blocked[0, 1] = -1e-6
-    flipped = attention_mask(near_blocked, (2, 2)).clone()
+    flipped = attention_mask_at_level(near_blocked).clone()
     flipped[0, 0, 1, 1:] = False
     result = CheckResult((1, 3, 64, 64), {}, {}, REL_TOL)
-    _find_flips(result, [flipped], [near_blocked, near_blocked], (64, 64), REL_TOL)
+    _find_flips(result, [flipped], [near_blocked], REL_TOL)
     assert (result.mask_flips, result.flips_near_zero) == (3, True)
     result = CheckResult((1, 3, 64, 64), {}, {}, REL_TOL)
-    _find_flips(result, [attention_mask(logits, (2, 2))], steps, (64, 64), REL_TOL)
-    assert result.mask_flips == 0 and result.first_flip_step is None and result.passed
+    _find_flips(result, [attention_mask_at_level(logits)], [logits], REL_TOL)
+    assert result.mask_flips == 0 and result.first_flip_layer is None and result.passed
 
 
 def test_metadata_travels_in_the_file(tiny_export, tiny_folder, tiny_model):
