@@ -597,21 +597,31 @@ def export_onnx(
 
 def _quantize_int8(path: Path) -> Any:
     """ONNX Runtime's dynamic quantization of the graph at ``path``: int8 weights, per output channel, for
-    every MatMul with a constant weight; returns the quantized ``ModelProto`` (standard ops only)."""
+    every MatMul with a constant weight; returns the quantized ``ModelProto`` (standard ops only).
+
+    First ONNX Runtime's quantization pre-processing (its basic, hardware-independent graph optimizations
+    and ONNX shape inference): it folds weights that the graph derives from initializers (the slices of
+    the decoder's fused in-projection, the sampling-offset projection scaled by the level sizes) into
+    constants, so that those MatMuls get int8 weights too."""
     import tempfile
 
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    external = path.with_name(path.name + ".data").is_file()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        quantized = Path(tmp) / path.name
+        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / path.name
+        # Symbolic shape inference is for transformer graphs it knows; it fails on this one (and ONNX's own
+        # shape inference is enough for dynamic quantization).
+        quant_pre_process(path, prepared, skip_symbolic_shape=True, save_as_external_data=external)
         quantize_dynamic(
-            path,
+            prepared,
             quantized,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm"],
             per_channel=True,
-            use_external_data_format=path.with_name(path.name + ".data").is_file(),
+            use_external_data_format=external,
         )
         return onnx.load(str(quantized))
 
