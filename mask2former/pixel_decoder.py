@@ -104,7 +104,11 @@ class MSDeformAttn(nn.Module):
         value: torch.Tensor,
         shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
-        """query (B, S, C) with position added; reference (S, 2) in [0, 1]; value (B, S, C) -> (B, S, C)."""
+        """query (B, S, C) with position added; value (B, S, C) -> (B, S, C).
+
+        ``reference``: the query positions (S, 2) in [0, 1], or those already broadcast to the sampling
+        locations' shape by :meth:`broadcast_reference`.
+        """
         b, s, c = query.shape
         v = self.value_proj(value).view(b, s, self.heads, c // self.heads)
         # The offsets are in pixels of each level; dividing the projection's rows by the level size (W_l or
@@ -117,8 +121,18 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(b, s, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
-        locations = reference[None, :, None, None, None, :] + offsets
+        if reference.dim() == 2:
+            reference = reference[None, :, None, None, None, :]
+        locations = reference + offsets  # (B, S, heads, L, P, 2)
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
+
+    def broadcast_reference(self, reference: torch.Tensor) -> torch.Tensor:
+        """(S, 2) -> (1, S, heads, L, P, 2), materialized. The encoder does this once for all its layers: each
+        layer then adds it without broadcasting inside a row, which costs ONNX Runtime several times more."""
+        s = reference.shape[0]
+        return (
+            reference[None, :, None, None, None, :].expand(1, s, self.heads, self.levels, self.points, 2).contiguous()
+        )
 
 
 class EncoderLayer(nn.Module):
@@ -182,6 +196,7 @@ class PixelDecoder(nn.Module):
             ]
         )[None]  # (1, S, C)
         reference = torch.cat([_reference_points(h, w, device, x.dtype) for h, w in shapes])  # (S, 2)
+        reference = self.encoder[0].self_attn.broadcast_reference(reference)  # (1, S, heads, L, P, 2)
         for layer in self.encoder:
             x = layer(x, pos, reference, shapes)  # (B, S, C)
         outs = [
