@@ -27,18 +27,16 @@ if __package__ in (None, ""):
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import available_cpus  # noqa: E402
+from service.onnx_runtime import available_cpus, session_options  # noqa: E402
 
 
 def ort_profile(path: Path, size: int, iters: int, tmp: Path) -> tuple[dict[str, float], float]:
     """Per-op-type milliseconds per run, and the mean wall time per run (ms)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
+    opts = session_options(available_cpus())  # the runner's settings
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / "ort")
-    opts.intra_op_num_threads = available_cpus()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     session.run(None, {"pixel_values": x})  # warm-up (also profiled: its kernels are skipped below)
