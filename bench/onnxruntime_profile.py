@@ -3,8 +3,8 @@
     python bench/onnxruntime_profile.py [--size 384] [--opset 20] [--iters 4] [--top 12]
 
 The swin-tiny COCO-panoptic architecture with random weights, batch 1, exported at a fixed size (checked
-against PyTorch by the exporter). ONNX Runtime runs with its profiler on (``ORT_ENABLE_ALL``, the runner's
-thread count); kernel times are summed per op type and averaged per run. torch's profiler does the same
+against PyTorch by the exporter). ONNX Runtime runs with its profiler on and the service runner's session
+settings (``service.onnx_runtime.session_options`` / ``open_session``); kernel times are summed per op type and averaged per run. torch's profiler does the same
 for our eager model (self CPU time per aten op). Both include the profilers' own overhead.
 """
 
@@ -27,17 +27,16 @@ if __package__ in (None, ""):
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import available_cpus, session_options  # noqa: E402
+from service.onnx_runtime import available_cpus, open_session, session_options  # noqa: E402
 
 
 def ort_profile(path: Path, size: int, iters: int, tmp: Path) -> tuple[dict[str, float], float]:
     """Per-op-type milliseconds per run, and the mean wall time per run (ms)."""
-    import onnxruntime as ort
 
     opts = session_options(available_cpus())  # the runner's settings
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / "ort")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = open_session(str(path), opts, ["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
     session.run(None, {"pixel_values": x})  # warm-up (also profiled: its kernels are skipped below)
     t0 = time.perf_counter()

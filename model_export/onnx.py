@@ -701,10 +701,9 @@ def check_against_pytorch(
     outputs and every layer's attention mask (see the module docstring). A plugin graph runs with the plugin
     nodes' CPU reference implementations."""
     import onnx
-    import onnxruntime as ort
 
     from model_export.plugins.ort_reference import is_plugin_graph, reference_session
-    from service.onnx_runtime import available_cpus
+    from service.onnx_runtime import available_cpus, open_session, session_options
 
     if isinstance(onnx_model, str | Path):
         onnx_model = onnx.load(str(onnx_model))
@@ -731,13 +730,11 @@ def check_against_pytorch(
         source = onnx_model.SerializeToString()
     else:
         raise ValueError("pass the path of a model larger than 2 GB, not its proto")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = available_cpus()
+    opts = session_options(available_cpus())  # run it as the service's runner does
     if plugin_graph:
         session = reference_session(source, opts)
     else:
-        session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+        session = open_session(source, opts, ["CPUExecutionProvider"])
     del source
     np_dtype = np.float16 if dtype == "float16" else np.float32
 

@@ -59,6 +59,18 @@ def hardware_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
+# ONNX Runtime fusions that make these graphs slower on the CPU (measured interleaved against the default,
+# swin-tiny, 2 cores): SkipLayerNormalization (residual Add + LayerNorm) and MatMul + Add -> Gemm. Without
+# them float32 runs 7-8% faster at 384 and 640 px, int8 4.5-6% (BENCHMARKS.md). Other providers keep them.
+CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
+
+
+def open_session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """An inference session on ``source`` (a path or a serialized model) with our graph-optimizer choices."""
+    disabled = list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else []
+    return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
+
+
 def session_options(threads: int) -> ort.SessionOptions:
     """How we run Mask2Former graphs on the CPU: all graph optimizations, ``threads`` intra-op threads."""
     opts = ort.SessionOptions()
@@ -130,13 +142,15 @@ class OnnxRunner:
 
     def _open(self, cache_dir: str | Path | None) -> ort.InferenceSession:
         if cache_dir is None:
-            return ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
+            return open_session(str(self.path), self._options(), self.providers)
         cache_dir = Path(cache_dir)
         tag = re.sub(r"[^A-Za-z0-9]+", "", "-".join(p.replace("ExecutionProvider", "") for p in self.providers))
+        if self.providers == ["CPUExecutionProvider"]:  # the cached graph is optimized without these fusions
+            tag += "-no" + hashlib.sha256(",".join(CPU_DISABLED_OPTIMIZERS).encode()).hexdigest()[:6]
         self.cache_path = cache_dir / f"{self.sha256[:32]}-ort{ort.__version__}-{tag}-{hardware_tag()}.onnx"
         if self.cache_path.is_file():
             try:
-                session = ort.InferenceSession(str(self.cache_path), self._options(), providers=self.providers)
+                session = open_session(str(self.cache_path), self._options(), self.providers)
                 self.cache_hit = True
                 return session
             except Exception as e:  # a stale or truncated cache entry: rebuild it
@@ -147,12 +161,12 @@ class OnnxRunner:
             os.close(fd)
         except OSError as e:
             log.warning("optimized-model cache %s not writable (%s); running without it", cache_dir, e)
-            return ort.InferenceSession(str(self.path), self._options(), providers=self.providers)
+            return open_session(str(self.path), self._options(), self.providers)
         opts = self._options()
         opts.optimized_model_filepath = tmp
         opts.log_severity_level = 3  # not the "hardware specific" warning: the cache key has the CPU kind
         try:
-            session = ort.InferenceSession(str(self.path), opts, providers=self.providers)
+            session = open_session(str(self.path), opts, self.providers)
             os.replace(tmp, self.cache_path)  # atomic: concurrent replicas never read a partial file
         finally:
             if os.path.exists(tmp):

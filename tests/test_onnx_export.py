@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,14 @@ def test_runner_runs_without_torch_and_caches_the_optimized_graph(tiny_export, t
     assert Path(first["cache_path"]).is_file() and first["cache_path"] == second["cache_path"]
     assert OnnxRunner(path).sha256[:32] in first["cache_path"]  # keyed by the model file's hash
     assert first["mask_sum"] == pytest.approx(second["mask_sum"], rel=1e-6)
+    # The cached graph is optimized with the CPU fusions we turn off (service.onnx_runtime.open_session):
+    # neither SkipLayerNormalization nor a Gemm made from a MatMul (the graph's own Gemms are 2-D linears).
+    import onnx
+
+    optimized = Counter(n.op_type for n in onnx.load(first["cache_path"]).graph.node)
+    exported = Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+    assert optimized["SkipLayerNormalization"] == 0 and optimized["LayerNormalization"] > 0
+    assert optimized["Gemm"] <= exported["Gemm"]
 
 
 # ---------------------------------------------------------------------------------------------- other exports
