@@ -4,8 +4,9 @@
 
 The swin-tiny COCO-panoptic architecture with random weights, batch 1, exported at a fixed size (checked
 against PyTorch by the exporter). ONNX Runtime runs with its profiler on and the service runner's session
-settings (``service.onnx_runtime.session_options`` / ``open_session``); kernel times are summed per op type and averaged per run. torch's profiler does the same
-for our eager model (self CPU time per aten op). Both include the profilers' own overhead.
+settings (``service.onnx_runtime.session_options`` / ``open_session``); kernel times are summed per op type
+and averaged per run. torch's profiler does the same for our eager model (self CPU time per aten op). Both
+include the profilers' own overhead.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from service.onnx_runtime import available_cpus, open_session, session_options  
 
 def ort_profile(path: Path, size: int, iters: int, tmp: Path) -> tuple[dict[str, float], float]:
     """Per-op-type milliseconds per run, and the mean wall time per run (ms)."""
-
     opts = session_options(available_cpus())  # the runner's settings
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp / "ort")

@@ -7,8 +7,8 @@
    ``transformers`` does). Shapes: swin-tiny stage 1 for a size x size input.
 2. MSDeformAttn reduction of the sampled values: one fused multiply-add per sampling point on samples laid
    out points-major (N, d, P, Sq) so that each point's slice is contiguous (ours), against the same on
-   points-last samples (N, d, Sq, P) and against ``(samples * weights).sum(-1)``. Shapes: all three levels
-   for a size x size input.
+   points-last samples (N, d, Sq, P) and against ``(samples * weights).sum(-1)``. Shapes: one level's
+   samples for the queries of all three levels of a size x size input.
 3. The mask logits each decoder layer attends with: the mask embeddings projected onto the mask features
    resized to the layer's level (ours), against projecting at 1/4 resolution and resizing the logits (the
    reference). Shapes: swin-tiny COCO (100 queries, 256 channels), the 9 layers of one forward pass.

@@ -106,8 +106,8 @@ class MSDeformAttn(nn.Module):
     ) -> torch.Tensor:
         """query (B, S, C) with position added; value (B, S, C) -> (B, S, C).
 
-        ``reference``: the query positions (S, 2) in [0, 1], or those already broadcast to the sampling
-        locations' shape by :meth:`broadcast_reference`.
+        ``reference``: the query positions in [0, 1] as :meth:`broadcast_reference` gives them,
+        (1, S, heads, L, P, 2).
         """
         b, s, c = query.shape
         v = self.value_proj(value).view(b, s, self.heads, c // self.heads)
@@ -121,8 +121,6 @@ class MSDeformAttn(nn.Module):
         offsets = offsets.view(b, s, self.heads, self.levels, self.points, 2)
         weights = self.attention_weights(query).view(b, s, self.heads, self.levels * self.points)
         weights = weights.softmax(-1).view(b, s, self.heads, self.levels, self.points)
-        if reference.dim() == 2:
-            reference = reference[None, :, None, None, None, :]
         locations = reference + offsets  # (B, S, heads, L, P, 2)
         return self.output_proj(ms_deform_attn(v, shapes, locations, weights))
 

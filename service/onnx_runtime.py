@@ -61,14 +61,21 @@ def hardware_tag() -> str:
 
 # ONNX Runtime fusions that make these graphs slower on the CPU (measured interleaved against the default,
 # swin-tiny, 2 cores): SkipLayerNormalization (residual Add + LayerNorm) and MatMul + Add -> Gemm. Without
-# them float32 runs 7-8% faster at 384 and 640 px, int8 4.5-6% (BENCHMARKS.md). Other providers keep them.
+# them float32 runs 7-10% faster at 384 and 640 px, int8 5-6% (bench/onnxruntime_settings.py, BENCHMARKS.md).
+# Other providers keep them.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
+
+
+def disabled_optimizers(providers: list[str]) -> list[str]:
+    """The graph optimizers we turn off for these providers."""
+    return list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else []
 
 
 def open_session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
     """An inference session on ``source`` (a path or a serialized model) with our graph-optimizer choices."""
-    disabled = list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else []
-    return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=disabled)
+    return ort.InferenceSession(
+        source, options, providers=providers, disabled_optimizers=disabled_optimizers(providers)
+    )
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -79,8 +86,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1  # the graph is one chain of big ops; parallelism is within ops
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Flush denormals to zero: softmax over masked scores (Swin's -100 shift mask, masked attention) and
-    # activation tails produce them, and x86 handles them in slow microcode. 5-7% faster at 384x384 on
-    # swin-tiny; outputs identical in our measurements (BENCHMARKS.md).
+    # activation tails produce them, and x86 handles them in slow microcode. 1-4% faster on swin-tiny;
+    # outputs identical in our measurements (bench/onnxruntime_settings.py, BENCHMARKS.md).
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     return opts
 
@@ -145,8 +152,8 @@ class OnnxRunner:
             return open_session(str(self.path), self._options(), self.providers)
         cache_dir = Path(cache_dir)
         tag = re.sub(r"[^A-Za-z0-9]+", "", "-".join(p.replace("ExecutionProvider", "") for p in self.providers))
-        if self.providers == ["CPUExecutionProvider"]:  # the cached graph is optimized without these fusions
-            tag += "-no" + hashlib.sha256(",".join(CPU_DISABLED_OPTIMIZERS).encode()).hexdigest()[:6]
+        if disabled := disabled_optimizers(self.providers):  # the cached graph is optimized without these
+            tag += "-no" + hashlib.sha256(",".join(disabled).encode()).hexdigest()[:6]
         self.cache_path = cache_dir / f"{self.sha256[:32]}-ort{ort.__version__}-{tag}-{hardware_tag()}.onnx"
         if self.cache_path.is_file():
             try:
