@@ -1,8 +1,16 @@
 """Mask2Former: an export-friendly PyTorch implementation that loads the public checkpoints."""
 
-from mask2former.config import Mask2FormerConfig, PreprocessConfig, SwinConfig, read_config
+from mask2former.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig, read_config
 
-__all__ = ["Mask2FormerConfig", "PreprocessConfig", "SwinConfig", "read_config", "load_model", "Mask2Former"]
+__all__ = [
+    "Mask2FormerConfig",
+    "PreprocessConfig",
+    "ResNetConfig",
+    "SwinConfig",
+    "read_config",
+    "load_model",
+    "Mask2Former",
+]
 
 
 def __getattr__(name: str):

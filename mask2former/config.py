@@ -38,6 +38,55 @@ class SwinConfig:
         return tuple(self.embed_dim * 2**i for i in range(len(self.depths)))
 
 
+# Blocks per stage (res2..res5) of the ResNet depths the official Mask2Former configs use.
+RESNET_DEPTHS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """ResNet backbone hyper-parameters, detectron2 semantics (names follow HF ``ResNetConfig``).
+
+    Bottleneck blocks with the stride in the 3x3 convolution and frozen batch norms; see
+    :mod:`mask2former.resnet`. ``hidden_sizes`` are the output channels of res2..res5; each stage's
+    bottleneck is a quarter of that (detectron2's 64 x 2^i for the standard widths). ``norm_eps`` is the
+    epsilon of the checkpoint's batch norms, used when their statistics are folded at load time.
+    """
+
+    depths: tuple[int, ...] = RESNET_DEPTHS[50]
+    hidden_sizes: tuple[int, ...] = (256, 512, 1024, 2048)
+    embedding_size: int = 64  # stem output channels
+    in_channels: int = 3
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "hidden_sizes", tuple(self.hidden_sizes))
+        if len(self.depths) != 4 or len(self.hidden_sizes) != 4:
+            raise ValueError(f"ResNet needs 4 stages, got depths {self.depths} and hidden_sizes {self.hidden_sizes}")
+        if any(c % 4 for c in self.hidden_sizes):
+            raise ValueError(f"ResNet hidden_sizes must be multiples of 4 (bottleneck = 1/4), got {self.hidden_sizes}")
+
+    @classmethod
+    def from_depth(cls, depth: int, **kwargs: Any) -> ResNetConfig:
+        """ResNet-50 or ResNet-101 (``depth`` 50 or 101); ``kwargs`` set the other fields."""
+        if depth not in RESNET_DEPTHS:
+            raise ValueError(f"unsupported ResNet depth {depth}: one of {sorted(RESNET_DEPTHS)}")
+        return cls(depths=RESNET_DEPTHS[depth], **kwargs)
+
+    @property
+    def stage_channels(self) -> tuple[int, ...]:
+        """Channels of the four stage outputs (1/4, 1/8, 1/16, 1/32)."""
+        return tuple(self.hidden_sizes)
+
+    @property
+    def bottleneck_channels(self) -> tuple[int, ...]:
+        """Width of each stage's 3x3 convolution."""
+        return tuple(c // 4 for c in self.hidden_sizes)
+
+
+BackboneConfig = SwinConfig | ResNetConfig
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images are turned into ``pixel_values`` (shortest-edge resize, normalize, pad)."""
@@ -58,7 +107,7 @@ class Mask2FormerConfig:
     :meth:`from_hf_dict` and :meth:`to_hf_dict` convert.
     """
 
-    backbone: SwinConfig = field(default_factory=SwinConfig)
+    backbone: BackboneConfig = field(default_factory=SwinConfig)
     num_labels: int = 133
     num_queries: int = 100
     hidden_dim: int = 256
@@ -104,30 +153,9 @@ class Mask2FormerConfig:
         Thing/stuff flags come from a ``thing_ids`` entry when the checkpoint has one (ours write it),
         otherwise from the label names of the known datasets (COCO, Cityscapes); unknown labels are stuff.
         """
-        bb = d.get("backbone_config") or {}
-        if bb.get("model_type", "swin") != "swin":
-            raise ValueError(f"unsupported backbone {bb.get('model_type')!r}: only Swin is supported")
-        if bb.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"unsupported Swin activation {bb.get('hidden_act')!r}")
-        if bb.get("use_absolute_embeddings", False):
-            raise ValueError("Swin absolute position embeddings are not supported")
         if d.get("activation_function", "relu") != "relu":
             raise ValueError(f"unsupported decoder activation {d.get('activation_function')!r}")
-        out_features = bb.get("out_features", ["stage1", "stage2", "stage3", "stage4"])
-        if list(out_features) != ["stage1", "stage2", "stage3", "stage4"]:
-            raise ValueError(f"backbone must output stage1..stage4, got {out_features}")
-        patch = bb.get("patch_size", 4)
-        backbone = SwinConfig(
-            embed_dim=bb.get("embed_dim", 96),
-            depths=tuple(bb.get("depths", (2, 2, 6, 2))),
-            num_heads=tuple(bb.get("num_heads", (3, 6, 12, 24))),
-            window_size=bb.get("window_size", 7),
-            patch_size=patch if isinstance(patch, int) else int(patch[0]),
-            mlp_ratio=float(bb.get("mlp_ratio", 4.0)),
-            qkv_bias=bb.get("qkv_bias", True),
-            layer_norm_eps=bb.get("layer_norm_eps", 1e-5),
-            in_channels=bb.get("num_channels", 3),
-        )
+        backbone = backbone_from_hf(d.get("backbone_config") or {})
         id2label = {int(k): v for k, v in (d.get("id2label") or {}).items()}
         num_labels = len(id2label) if id2label else int(d.get("num_labels", 133))
         if "thing_ids" in d:
@@ -159,25 +187,10 @@ class Mask2FormerConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The HF ``config.json`` dict for this config (plus our ``thing_ids``)."""
-        b = self.backbone
         return {
             "model_type": "mask2former",
             "architectures": ["Mask2FormerForUniversalSegmentation"],
-            "backbone_config": {
-                "model_type": "swin",
-                "embed_dim": b.embed_dim,
-                "depths": list(b.depths),
-                "num_heads": list(b.num_heads),
-                "window_size": b.window_size,
-                "patch_size": b.patch_size,
-                "mlp_ratio": b.mlp_ratio,
-                "qkv_bias": b.qkv_bias,
-                "layer_norm_eps": b.layer_norm_eps,
-                "num_channels": b.in_channels,
-                "hidden_act": "gelu",
-                "drop_path_rate": 0.0,
-                "out_features": ["stage1", "stage2", "stage3", "stage4"],
-            },
+            "backbone_config": backbone_to_hf(self.backbone),
             "num_queries": self.num_queries,
             "hidden_dim": self.hidden_dim,
             "feature_size": self.feature_size,
@@ -201,6 +214,97 @@ class Mask2FormerConfig:
 
     def with_preprocess(self, **kw: Any) -> Mask2FormerConfig:
         return replace(self, preprocess=replace(self.preprocess, **kw))
+
+
+STAGE_FEATURES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def backbone_from_hf(bb: dict[str, Any]) -> BackboneConfig:
+    """The backbone config from an HF ``backbone_config`` dict (Swin, the default, or ResNet).
+
+    Raises:
+        ValueError: for a backbone or a variant the model does not implement.
+    """
+    model_type = bb.get("model_type", "swin")
+    if model_type not in ("swin", "resnet"):
+        raise ValueError(f"unsupported backbone {model_type!r}: only Swin and ResNet are supported")
+    out_features = bb.get("out_features", STAGE_FEATURES)
+    if list(out_features) != STAGE_FEATURES:
+        raise ValueError(f"backbone must output stage1..stage4, got {out_features}")
+    if model_type == "resnet":
+        return _resnet_from_hf(bb)
+    if bb.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"unsupported Swin activation {bb.get('hidden_act')!r}")
+    if bb.get("use_absolute_embeddings", False):
+        raise ValueError("Swin absolute position embeddings are not supported")
+    patch = bb.get("patch_size", 4)
+    return SwinConfig(
+        embed_dim=bb.get("embed_dim", 96),
+        depths=tuple(bb.get("depths", (2, 2, 6, 2))),
+        num_heads=tuple(bb.get("num_heads", (3, 6, 12, 24))),
+        window_size=bb.get("window_size", 7),
+        patch_size=patch if isinstance(patch, int) else int(patch[0]),
+        mlp_ratio=float(bb.get("mlp_ratio", 4.0)),
+        qkv_bias=bb.get("qkv_bias", True),
+        layer_norm_eps=bb.get("layer_norm_eps", 1e-5),
+        in_channels=bb.get("num_channels", 3),
+    )
+
+
+def _resnet_from_hf(bb: dict[str, Any]) -> ResNetConfig:
+    """An HF ``ResNetConfig`` dict (defaults as in ``transformers``) with detectron2 semantics, else ValueError."""
+    if bb.get("layer_type", "bottleneck") != "bottleneck":
+        raise ValueError(f"unsupported ResNet layer_type {bb.get('layer_type')!r}: only 'bottleneck' (ResNet-50/101)")
+    if bb.get("downsample_in_bottleneck", False):
+        raise ValueError(
+            "unsupported ResNet downsample_in_bottleneck=True (stride in the first 1x1 convolution, torchvision "
+            "style): Mask2Former's detectron2 ResNets stride in the 3x3 convolution (STRIDE_IN_1X1 False), "
+            "which is downsample_in_bottleneck=False"
+        )
+    if bb.get("downsample_in_first_stage", False):
+        raise ValueError("unsupported ResNet downsample_in_first_stage=True: stage 1 must keep the stem's stride 4")
+    if bb.get("hidden_act", "relu") != "relu":
+        raise ValueError(f"unsupported ResNet activation {bb.get('hidden_act')!r}")
+    return ResNetConfig(
+        depths=tuple(bb.get("depths", RESNET_DEPTHS[50])),
+        hidden_sizes=tuple(bb.get("hidden_sizes", (256, 512, 1024, 2048))),
+        embedding_size=bb.get("embedding_size", 64),
+        in_channels=bb.get("num_channels", 3),
+        norm_eps=float(bb.get("norm_eps", 1e-5)),  # ours; HF's batch norms always use 1e-5
+    )
+
+
+def backbone_to_hf(b: BackboneConfig) -> dict[str, Any]:
+    """The HF ``backbone_config`` dict of a backbone config (the inverse of :func:`backbone_from_hf`)."""
+    if isinstance(b, ResNetConfig):
+        return {
+            "model_type": "resnet",
+            "depths": list(b.depths),
+            "hidden_sizes": list(b.hidden_sizes),
+            "embedding_size": b.embedding_size,
+            "num_channels": b.in_channels,
+            "layer_type": "bottleneck",
+            "hidden_act": "relu",
+            "downsample_in_first_stage": False,
+            "downsample_in_bottleneck": False,
+            "norm_eps": b.norm_eps,
+            "out_features": list(STAGE_FEATURES),
+        }
+    return {
+        "model_type": "swin",
+        "embed_dim": b.embed_dim,
+        "depths": list(b.depths),
+        "num_heads": list(b.num_heads),
+        "window_size": b.window_size,
+        "patch_size": b.patch_size,
+        "mlp_ratio": b.mlp_ratio,
+        "qkv_bias": b.qkv_bias,
+        "layer_norm_eps": b.layer_norm_eps,
+        "num_channels": b.in_channels,
+        "hidden_act": "gelu",
+        "drop_path_rate": 0.0,
+        "out_features": list(STAGE_FEATURES),
+    }
 
 
 def preprocess_from_hf(p: dict[str, Any]) -> PreprocessConfig:

@@ -1,4 +1,4 @@
-"""The Mask2Former model: Swin backbone -> pixel decoder -> masked-attention transformer decoder."""
+"""The Mask2Former model: Swin or ResNet backbone -> pixel decoder -> masked-attention transformer decoder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mask2former.config import Mask2FormerConfig
+from mask2former.config import BackboneConfig, Mask2FormerConfig, ResNetConfig
 from mask2former.pixel_decoder import PixelDecoder
+from mask2former.resnet import ResNetBackbone
 from mask2former.swin import SwinBackbone
 from mask2former.transformer_decoder import Prediction, TransformerDecoder
 
@@ -21,17 +22,25 @@ class Mask2FormerOutput(NamedTuple):
     attention_logits: tuple[torch.Tensor, ...] | None = None
 
 
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone for a backbone config; ``forward(pixel_values)`` returns the maps at strides 4..32."""
+    if isinstance(cfg, ResNetConfig):
+        return ResNetBackbone(cfg)
+    return SwinBackbone(cfg)
+
+
 class Mask2Former(nn.Module):
     """Mask2Former for semantic, instance and panoptic segmentation.
 
     ``forward(pixel_values)`` takes normalized images (B, 3, H, W) float32 (H, W multiples of 32 for the
-    intended resolution; other sizes are padded inside) and returns class and mask logits.
+    intended resolution; other sizes work, each stride-s map having sides ceil(H / s), ceil(W / s)) and
+    returns class and mask logits. The backbone is Swin or ResNet, after the type of ``cfg.backbone``.
     """
 
     def __init__(self, cfg: Mask2FormerConfig):
         super().__init__()
         self.config = cfg
-        self.backbone = SwinBackbone(cfg.backbone)
+        self.backbone = build_backbone(cfg.backbone)
         self.pixel_decoder = PixelDecoder(cfg)
         self.decoder = TransformerDecoder(cfg)
 

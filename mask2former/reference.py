@@ -19,6 +19,9 @@ SWIN = {
     "base": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32], "window_size": 12},
     "large": {"embed_dim": 192, "depths": [2, 2, 18, 2], "num_heads": [6, 12, 24, 48], "window_size": 12},
 }
+# detectron2's R50/R101 (the official Mask2Former ResNet configs) as HF ``ResNetConfig`` hyper-parameters.
+_RESNET_WIDTHS = {"model_type": "resnet", "hidden_sizes": [256, 512, 1024, 2048], "embedding_size": 64}
+RESNET = {"r50": {**_RESNET_WIDTHS, "depths": [3, 4, 6, 3]}, "r101": {**_RESNET_WIDTHS, "depths": [3, 4, 23, 3]}}
 DATASETS = {"coco-panoptic": 133, "coco-instance": 80, "ade-semantic": 150, "cityscapes-semantic": 19}
 
 # A tiny architecture for fast tests: hidden 64, 2 decoder layers, 10 queries.
@@ -37,22 +40,46 @@ TINY: dict[str, Any] = {
 }
 
 
+# Tiny ResNet layouts (the block counts of R50 and R101, narrow stages) with the decoder of TINY.
+TINY_R50: dict[str, Any] = {
+    **TINY,
+    "backbone": {
+        "model_type": "resnet",
+        "depths": [3, 4, 6, 3],
+        "hidden_sizes": [32, 64, 96, 128],
+        "embedding_size": 16,
+    },
+}
+TINY_R101: dict[str, Any] = {**TINY_R50, "backbone": {**TINY_R50["backbone"], "depths": [3, 4, 23, 3]}}
+
+
 def architecture(backbone: str = "tiny", dataset: str = "coco-panoptic") -> dict[str, Any]:
-    """Hyper-parameters of a public checkpoint's architecture, in :func:`hf_model`'s format."""
+    """Hyper-parameters of a public checkpoint's architecture, in :func:`hf_model`'s format.
+
+    ``backbone``: a Swin size (``tiny`` .. ``large``) or ``r50`` / ``r101``.
+    """
     queries = 200 if backbone == "large" else 100
-    return {"backbone": SWIN[backbone], "num_labels": DATASETS[dataset], "num_queries": queries}
+    bb = RESNET[backbone] if backbone in RESNET else SWIN[backbone]
+    return {"backbone": bb, "num_labels": DATASETS[dataset], "num_queries": queries}
 
 
 def hf_model(arch: dict[str, Any], seed: int = 0, id2label: dict[int, str] | None = None):
     """A ``Mask2FormerForUniversalSegmentation`` with the given hyper-parameters and random weights.
 
-    Every parameter is redrawn (HF's init leaves many at zero or one), so that parity tests exercise all
-    of them: weights ~ N(0, 1/fan_in), norms around one, biases and embeddings small but non-zero.
+    The backbone is Swin, or ResNet when ``arch["backbone"]["model_type"]`` is ``"resnet"`` (bottleneck
+    blocks with the stride in the 3x3 convolution: detectron2's). Every parameter is redrawn (HF's init
+    leaves many at zero or one), so that parity tests exercise all of them: weights ~ N(0, 1/fan_in), norms
+    around one, biases and embeddings small but non-zero; batch-norm statistics too.
     """
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
 
     arch = dict(arch)
-    backbone = SwinConfig(**arch.pop("backbone"), out_features=["stage1", "stage2", "stage3", "stage4"])
+    bb = dict(arch.pop("backbone"))
+    stages = ["stage1", "stage2", "stage3", "stage4"]
+    if bb.pop("model_type", "swin") == "resnet":
+        backbone = ResNetConfig(**bb, layer_type="bottleneck", downsample_in_bottleneck=False, out_features=stages)
+    else:
+        backbone = SwinConfig(**bb, out_features=stages)
     num_labels = arch.pop("num_labels")
     id2label = id2label or {i: f"class_{i}" for i in range(num_labels)}
     cfg = Mask2FormerConfig(
@@ -78,6 +105,10 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
         else:
             p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # ResNet backbones; Swin models have none
+            module.running_mean.copy_(0.1 * torch.randn(module.running_mean.shape, generator=gen))
+            module.running_var.copy_(torch.empty(module.running_var.shape).uniform_(0.5, 2.0, generator=gen))
     # Centre the mask logits on zero and widen them, so that masked attention blocks a real share of
     # each query's pixels (with the draw above nearly every pixel would be open).
     pixel_decoder = model.model.pixel_level_module.decoder

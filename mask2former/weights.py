@@ -1,9 +1,11 @@
 """Loading HF Mask2Former checkpoints into :class:`~mask2former.mask2former.Mask2Former`.
 
 :func:`convert_hf_state_dict` is a pure key mapping: it renames HF keys to ours, fuses the Swin and
-decoder self-attention q/k/v projections into one weight, and raises :class:`CheckpointMismatch` naming
-every missing, unused or mis-shaped key. Both HF layouts are accepted: the one ``transformers`` 4.x wrote
-(the public hub checkpoints: ``attention.self.query``, ``intermediate.dense``, ...) and the 5.x one.
+decoder self-attention q/k/v projections into one weight, folds each ResNet batch norm's four statistics
+into one per-channel scale and shift (:func:`mask2former.resnet.fold_batch_norm`), and raises
+:class:`CheckpointMismatch` naming every missing, unused or mis-shaped key. Both HF layouts are accepted:
+the one ``transformers`` 4.x wrote (the public hub checkpoints: ``attention.self.query``,
+``intermediate.dense``, ...) and the 5.x one.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ from pathlib import Path
 
 import torch
 
-from mask2former.config import Mask2FormerConfig, read_config
+from mask2former.config import Mask2FormerConfig, ResNetConfig, read_config
 from mask2former.mask2former import Mask2Former
+from mask2former.resnet import fold_batch_norm
 
 _PIX = r"^model\.pixel_level_module\."
 _TRF = r"^model\.transformer_module\."
 _BLOCK = _PIX + r"encoder\.swin\.encoder\.layers\.(\d+)\.blocks\.(\d+)\."
 _PDEC = _PIX + r"decoder\.encoder\.layers\.(\d+)\."
 _TDEC = _TRF + r"decoder\.layers\.(\d+)\."
+_RES_STEM = _PIX + r"encoder\.embedder\.embedder\."
+_RES_BLOCK = _PIX + r"encoder\.encoder\.stages\.(\d+)\.layers\.(\d+)\."
+_BN_STATS = ("weight", "bias", "running_mean", "running_var")
+_BN = r"normalization\.(?P<part>weight|bias|running_mean|running_var)$"
 
 # transformers 4.x names -> 5.x names (applied first, in order).
 _LEGACY: list[tuple[str, str]] = [
-    (_PIX + r"encoder\.(embeddings|encoder)\.", r"model.pixel_level_module.encoder.swin.\1."),
+    (_PIX + r"encoder\.(embeddings\.|encoder\.layers\.)", r"model.pixel_level_module.encoder.swin.\1"),
     (r"\.attention\.self\.query\.", ".attention.q_proj."),
     (r"\.attention\.self\.key\.", ".attention.k_proj."),
     (r"\.attention\.self\.value\.", ".attention.v_proj."),
@@ -38,14 +45,21 @@ _LEGACY: list[tuple[str, str]] = [
 ]  # fmt: skip
 
 # Keys that hold no weights we use: the loss's class weights, Swin's index buffers (recomputed from the
-# window size) and the final norm of HF's SwinModel, whose output the backbone does not use.
+# window size), the final norm of HF's SwinModel, whose output the backbone does not use, and the batch
+# norms' step counters.
 _IGNORED = [
     re.compile(r"^criterion\.empty_weight$"),
     re.compile(r"\.relative_position_index$"),
+    re.compile(r"\.num_batches_tracked$"),
     re.compile(_PIX + r"encoder\.swin\.layernorm\.(weight|bias)$"),
 ]
 
 Rename = tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]
+
+
+def _res_block(m: re.Match[str]) -> str:
+    """Our name of HF ResNet block ``encoder.stages.S.layers.L``: ``backbone.res{S+2}.L`` (detectron2's)."""
+    return f"backbone.res{int(m[1]) + 2}.{m[2]}"
 
 
 def _rules(table: list[tuple[str, str | Callable[[re.Match[str]], str]]]) -> list[Rename]:
@@ -66,6 +80,9 @@ _RENAMES = _rules([
      r"backbone.stages.\1.downsample.\2.\3"),
     (_PIX + r"encoder\.hidden_states_norms\.stage(\d)\.(weight|bias)$",
      lambda m: f"backbone.out_norms.{int(m[1]) - 1}.{m[2]}"),
+    (_RES_STEM + r"convolution\.weight$", "backbone.stem.conv1.weight"),
+    (_RES_BLOCK + r"shortcut\.convolution\.weight$", lambda m: f"{_res_block(m)}.shortcut.weight"),
+    (_RES_BLOCK + r"layer\.([012])\.convolution\.weight$", lambda m: f"{_res_block(m)}.conv{int(m[3]) + 1}.weight"),
     (_PIX + r"decoder\.level_embed$", "pixel_decoder.level_embed"),
     (_PIX + r"decoder\.input_projections\.(\d)\.([01])\.(weight|bias)$", r"pixel_decoder.input_proj.\1.\2.\3"),
     (_PDEC + r"self_attn\.(sampling_offsets|attention_weights|value_proj|output_proj)\.(weight|bias)$",
@@ -98,6 +115,15 @@ _FUSES = _rules([
 ])  # fmt: skip
 
 
+# Batch norms whose four statistics fold into our ``<module>.scale`` and ``<module>.shift``; the target is our
+# norm module, group "part" the statistic.
+_FOLDS = _rules([
+    (_RES_STEM + _BN, "backbone.stem.conv1.norm"),
+    (_RES_BLOCK + r"shortcut\." + _BN, lambda m: f"{_res_block(m)}.shortcut.norm"),
+    (_RES_BLOCK + r"layer\.([012])\." + _BN, lambda m: f"{_res_block(m)}.conv{int(m[3]) + 1}.norm"),
+])  # fmt: skip
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint does not fit the model; the message lists every offending key."""
 
@@ -121,14 +147,16 @@ def _substitute(match: re.Match[str], repl: str | Callable[[re.Match[str]], str]
 
 
 def match_hf_key(key: str) -> tuple[str, str | None] | None:
-    """Where an HF key goes in our model: (our key, q/k/v part or None), or None for keys we ignore.
+    """Where an HF key goes in our model, or None for keys we ignore.
 
-    Raises KeyError for a key no rule knows.
+    Returns (our key, None) for a rename; (our fused key, "q" | "k" | "v") for a q/k/v part; (our norm
+    module, "weight" | "bias" | "running_mean" | "running_var") for a batch-norm statistic folded into that
+    module's ``scale`` and ``shift``. Raises KeyError for a key no rule knows.
     """
     key = _legacy_to_current(key)
     if any(p.search(key) for p in _IGNORED):
         return None
-    for pattern, repl in _FUSES:
+    for pattern, repl in (*_FUSES, *_FOLDS):
         if m := pattern.match(key):
             return _substitute(m, repl), m["part"]
     for pattern, repl in _RENAMES:
@@ -138,13 +166,14 @@ def match_hf_key(key: str) -> tuple[str, str | None] | None:
 
 
 def convert_hf_state_dict(
-    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]
+    state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size], norm_eps: float = 1e-5
 ) -> dict[str, torch.Tensor]:
     """Map an HF ``Mask2FormerForUniversalSegmentation`` state dict onto our parameter names.
 
     Args:
         state: the checkpoint's tensors by HF key (4.x or 5.x layout).
         expected: our parameter shapes by key (``{k: v.shape for k, v in model.state_dict().items()}``).
+        norm_eps: the epsilon of the checkpoint's batch norms (ResNet backbones), used to fold them.
     Returns:
         Our state dict, exactly the keys of ``expected``.
     Raises:
@@ -154,7 +183,9 @@ def convert_hf_state_dict(
     out: dict[str, torch.Tensor] = {}
     sources: dict[str, str] = {}  # our key -> HF key(s) it came from, for error messages
     fused: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    folded: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # our norm module -> statistic -> source
     unused: list[str] = []
+    misshaped: list[str] = []
     for original, tensor in state.items():
         try:
             target = match_hf_key(original)
@@ -164,7 +195,9 @@ def convert_hf_state_dict(
         if target is None:
             continue
         key, part = target
-        if part is not None:
+        if part in _BN_STATS:
+            folded.setdefault(key, {})[part] = (original, tensor)
+        elif part is not None:
             fused.setdefault(key, {})[part] = (original, tensor)
         elif key in out:
             unused.append(f"{original} (duplicates {sources[key]})")
@@ -176,23 +209,42 @@ def convert_hf_state_dict(
             continue
         out[target] = torch.cat([parts[p][1] for p in "qkv"], dim=0)
         sources[target] = "+".join(parts[p][0] for p in "qkv")
+    for module, stats in folded.items():
+        if set(stats) != set(_BN_STATS):
+            unused.extend(f"{src} (its batch-norm siblings are missing)" for src, _ in stats.values())
+            continue
+        shapes = {s: tuple(stats[s][1].shape) for s in _BN_STATS}
+        if len(set(shapes.values())) != 1:  # would broadcast silently in the fold
+            misshaped.append(f"{module}: batch-norm statistics of different shapes {shapes}")
+            continue
+        scale, shift = fold_batch_norm(*(stats[s][1] for s in _BN_STATS), eps=norm_eps)
+        source = "+".join(stats[s][0] for s in _BN_STATS)
+        for name, tensor in (("scale", scale), ("shift", shift)):
+            out[f"{module}.{name}"], sources[f"{module}.{name}"] = tensor, source
     missing = sorted(k for k in expected if k not in out)
     unused.extend(f"{sources[k]} (-> {k}, not in the model)" for k in out if k not in expected)
     misshaped = sorted(
-        f"{sources[k]} -> {k}: checkpoint {tuple(t.shape)}, model {tuple(expected[k])}"
-        for k, t in out.items()
-        if k in expected and tuple(t.shape) != tuple(expected[k])
+        misshaped
+        + [
+            f"{sources[k]} -> {k}: checkpoint {tuple(t.shape)}, model {tuple(expected[k])}"
+            for k, t in out.items()
+            if k in expected and tuple(t.shape) != tuple(expected[k])
+        ]
     )
     if missing or unused or misshaped:
         raise CheckpointMismatch(missing, sorted(unused), misshaped)
     return out
 
 
-def to_hf_state_dict(state: Mapping[str, torch.Tensor], hf_keys: list[str]) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    state: Mapping[str, torch.Tensor], hf_keys: list[str], norm_eps: float = 1e-5
+) -> dict[str, torch.Tensor]:
     """The inverse of :func:`convert_hf_state_dict`: our tensors under the given HF keys.
 
     ``hf_keys`` are the keys of an HF model of the same config (ignored keys, such as the loss's class
-    weights, are left out of the result). Fused q/k/v weights are split back into thirds.
+    weights and the batch norms' step counters, are left out of the result). Fused q/k/v weights are split
+    back into thirds. A folded batch norm is written as weight = scale, bias = shift, running_mean = 0,
+    running_var = 1 - ``norm_eps``: the same function, not the original statistics (folding drops them).
     """
     out = {}
     for hf_key in hf_keys:
@@ -200,8 +252,15 @@ def to_hf_state_dict(state: Mapping[str, torch.Tensor], hf_keys: list[str]) -> d
         if target is None:
             continue
         key, part = target
-        tensor = state[key]
-        out[hf_key] = tensor if part is None else tensor.chunk(3, dim=0)["qkv".index(part)]
+        if part in ("weight", "bias"):
+            out[hf_key] = state[f"{key}.{'scale' if part == 'weight' else 'shift'}"]
+        elif part == "running_mean":
+            out[hf_key] = torch.zeros_like(state[f"{key}.shift"])
+        elif part == "running_var":
+            out[hf_key] = torch.full_like(state[f"{key}.scale"], 1.0 - norm_eps)
+        else:
+            tensor = state[key]
+            out[hf_key] = tensor if part is None else tensor.chunk(3, dim=0)["qkv".index(part)]
     return out
 
 
@@ -240,6 +299,7 @@ def load_model(path: str | Path | None = None, device: str | torch.device = "cpu
     cfg: Mask2FormerConfig = read_config(path)
     model = Mask2Former(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = convert_hf_state_dict(read_hf_state_dict(path), expected)
+    norm_eps = cfg.backbone.norm_eps if isinstance(cfg.backbone, ResNetConfig) else 1e-5
+    state = convert_hf_state_dict(read_hf_state_dict(path), expected, norm_eps=norm_eps)
     model.load_state_dict(state, strict=True)
     return model.eval().to(device)
