@@ -6,8 +6,8 @@ it. The schema is one JSON document under the key ``mask2former`` (everything), 
 that generic tools (Netron, ``onnx`` scripts, model registries) show without parsing JSON.
 
 No torch here (and ``onnx`` only where a proto is read or written): the ONNX Runtime serving path imports
-this module. ONNX Runtime hands the same key/value map over as
-``session.get_modelmeta().custom_metadata_map``, which :meth:`ExportMetadata.from_props` reads.
+this module and reads the metadata with :func:`read_metadata` before it opens a session (ONNX Runtime
+hands the same key/value map over as ``session.get_modelmeta().custom_metadata_map``).
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ class ExportMetadata:
     exporter: dict[str, str] = field(default_factory=dict)  # tool versions
     check: dict[str, Any] = field(default_factory=dict)  # the parity check's figures, if one ran
     quantization: str = ""  # "" (none) or "int8-dynamic": int8 weights, activations quantized at run time
+    # How the int8 weights are stored and why (model_export.int8.INFO); {} in files written before it existed,
+    # whose weights are int8 (exact only on CPUs with VNNI).
+    quantization_info: dict[str, Any] = field(default_factory=dict)
     input_name: str = INPUT_NAME
     output_names: tuple[str, ...] = OUTPUT_NAMES
     schema_version: int = SCHEMA_VERSION
@@ -69,6 +72,13 @@ class ExportMetadata:
     @classmethod
     def from_config(cls, cfg: Mask2FormerConfig, **kw: Any) -> ExportMetadata:
         return cls(name=cfg.name, config=cfg.to_hf_dict(), preprocess=asdict(cfg.preprocess), **kw)
+
+    @property
+    def int8_weights(self) -> str:
+        """The element type the int8 graph's MatMul weights are stored as ("uint8", "int8"); "" if not int8."""
+        if not self.quantization:
+            return ""
+        return self.quantization_info.get("weights", "int8")
 
     def to_config(self) -> Mask2FormerConfig:
         """The model config (labels, ``thing_ids``, thresholds, preprocessing) for post-processing."""
@@ -103,6 +113,7 @@ class ExportMetadata:
         doc["input_shape"] = tuple(doc["input_shape"])
         doc["output_names"] = tuple(doc["output_names"])
         doc.setdefault("quantization", "")  # written before the field existed
+        doc.setdefault("quantization_info", {})
         return cls(**doc)
 
 

@@ -45,6 +45,8 @@ from torch import nn
 from mask2former.config import Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
 from mask2former.transformer_decoder import attention_mask_at_level
+from model_export import int8
+from model_export.int8 import quantize_dynamic_int8
 from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, file_sha256, write_metadata
 
 DEFAULT_OPSET = 20  # torch 2.13's default; GridSample needs >= 16, the torch.export-based exporter >= 18
@@ -182,8 +184,11 @@ class _Steps:
 
 # ---------------------------------------------------------------------------------------------- hashing
 def checkpoint_files(folder: str | Path) -> list[Path]:
-    """The files that define an HF checkpoint: configs and weights (shards included)."""
+    """The files that define an HF checkpoint: configs and weights (shards included); a detectron2
+    checkpoint is its one file."""
     folder = Path(folder)
+    if folder.is_file():
+        return [folder]
     names = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -363,8 +368,10 @@ def _load(model_or_folder: Mask2Former | str | Path) -> tuple[Mask2Former, str, 
 
 def _example_size(cfg: Mask2FormerConfig) -> tuple[int, int]:
     """A trace size for dynamic height/width with no special cases: every stage has at least two windows
-    per side (no size-1 axis the tracer would specialize), padding is non-zero, height != width."""
-    h = 32 * (cfg.backbone.window_size + 1) + 8
+    per side (no size-1 axis the tracer would specialize), padding is non-zero, height != width. ResNet has
+    no windows: the same rule with Swin's usual window of 7."""
+    window = getattr(cfg.backbone, "window_size", 7)
+    h = 32 * (window + 1) + 8
     return h, h + 40
 
 
@@ -404,8 +411,9 @@ def export_onnx(
     Shapes: fixed ``height`` x ``width``, or ``dynamic_shape`` (the default when no size is given); a fixed
     ``batch`` or ``dynamic_batch``. ``fp16`` exports a float16 graph (input, outputs and every float
     tensor); it is checked against the float32 PyTorch model at the float16 tolerance. ``quantize="int8"``
-    (float32 graphs, for the CPU) stores the weights of every MatMul as int8, one scale per output channel,
-    and quantizes activations at run time (ONNX Runtime's dynamic quantization: ``MatMulInteger``); it is
+    (float32 graphs, for the CPU) quantizes the weights of every MatMul to int8, one scale per output
+    channel, stores them as uint8 so that every x86 CPU computes them exactly, and quantizes activations at
+    run time (ONNX Runtime's dynamic quantization: ``MatMulInteger``; :mod:`model_export.int8`); it is
     checked at :data:`INT8_TOLERANCE`.
 
     ``plugins`` writes TensorRT plugin nodes for multi-scale deformable attention and masked attention
@@ -515,12 +523,13 @@ def export_onnx(
                 **({"plugins": ", ".join(_plugin_ops())} if plugins else {}),
             },
             quantization="int8-dynamic" if quantize else "",
+            quantization_info=dict(int8.INFO) if quantize else {},
         )
         write_metadata(proto, meta)
         _save(proto, output)
     if quantize:
         with steps("quantize MatMul weights to int8 (per channel; activations at run time)"):
-            proto = _quantize_int8(output)
+            proto = quantize_dynamic_int8(output)
             write_metadata(proto, meta)
             _save(proto, output)
 
@@ -593,37 +602,6 @@ def export_onnx(
     report.metadata = meta
     report.size_bytes = _file_size(output)
     return report
-
-
-def _quantize_int8(path: Path) -> Any:
-    """ONNX Runtime's dynamic quantization of the graph at ``path``: int8 weights, per output channel, for
-    every MatMul with a constant weight; returns the quantized ``ModelProto`` (standard ops only).
-
-    First ONNX Runtime's quantization pre-processing (its basic, hardware-independent graph optimizations
-    and ONNX shape inference): it folds weights that the graph derives from initializers (the slices of
-    the decoder's fused in-projection, the sampling-offset projection scaled by the level sizes) into
-    constants, so that those MatMuls get int8 weights too."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    external = path.with_name(path.name + ".data").is_file()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / path.name
-        # Symbolic shape inference is for transformer graphs it knows; it fails on this one (and ONNX's own
-        # shape inference is enough for dynamic quantization).
-        quant_pre_process(path, prepared, skip_symbolic_shape=True, save_as_external_data=external)
-        quantize_dynamic(
-            prepared,
-            quantized,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Gemm"],
-            per_channel=True,
-            use_external_data_format=external,
-        )
-        return onnx.load(str(quantized))
 
 
 def _set_aside(path: Path) -> Path:

@@ -8,6 +8,10 @@ core this process may use (CPU affinity and a cgroup CPU quota are honoured), an
 keep the optimized graph on disk keyed by the model file's SHA-256 (plus the ONNX Runtime version, the
 execution providers and the CPU kind, since an optimized graph is specific to the hardware it was made
 on), so that later starts skip the optimization passes.
+
+int8 graphs store their MatMul weights as uint8 (exact on every CPU, see :mod:`model_export.int8`); on an
+x86 CPU with VNNI the runner converts them to int8 as it loads (the same integer products, a faster kernel),
+and files from older exports, whose int8 weights saturate on CPUs without VNNI, to uint8 there.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from mask2former.config import Mask2FormerConfig
-from model_export.metadata import ExportMetadata, file_sha256
+from model_export.int8 import WEIGHT_DTYPES, cpu_int8_kernel, store_weights
+from model_export.metadata import file_sha256, read_metadata
 from service.runtime import InputSpec, default_side
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,20 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
+def int8_weights_to_run(stored: str, kernel: str, providers: list[str]) -> str:
+    """The element type to run an int8 graph's MatMul weights as ("" for a graph without them), given how
+    the file stores them (ExportMetadata.int8_weights) and this CPU's int8 kernel (:func:`cpu_int8_kernel`).
+
+    On the CPU provider of an x86 CPU: int8 where it has VNNI (exact there, and faster than uint8:
+    bench/int8_weights.py); uint8 where it has not or we cannot tell (ONNX Runtime's u8 x s8 kernel saturates
+    without VNNI, u8 x u8 is exact; model_export.int8), which also rescues files exported with int8 weights
+    before they were stored as uint8. Other CPUs and providers: as stored. Converting is exact: the integer
+    products do not change."""
+    if not stored or providers != ["CPUExecutionProvider"] or kernel == "exact":
+        return stored
+    return "int8" if kernel == "vnni" else "uint8"
+
+
 class OnnxRunner:
     """Runs an exported Mask2Former graph: ``run(pixel_values) -> (class_logits, mask_logits)``.
 
@@ -100,6 +120,8 @@ class OnnxRunner:
         threads: intra-op threads (default: the cores available to this process).
         cache_dir: where to keep the optimized graph (default: no caching).
         providers: ONNX Runtime execution providers (default: CPU).
+        int8_weights: for int8 graphs, run the MatMul weights as "uint8" or "int8" whatever this CPU is
+            (default: :func:`int8_weights_to_run` picks the fastest exact one; "int8" without VNNI saturates).
     """
 
     name = "onnxruntime"
@@ -110,6 +132,7 @@ class OnnxRunner:
         threads: int | None = None,
         cache_dir: str | Path | None = None,
         providers: list[str] | None = None,
+        int8_weights: str | None = None,
     ):
         self.path = Path(path)
         if not self.path.is_file():
@@ -119,6 +142,15 @@ class OnnxRunner:
         self.providers = providers or ["CPUExecutionProvider"]
         self.cache_path: Path | None = None
         self.cache_hit = False
+        self.metadata = read_metadata(self.path)
+        self.config: Mask2FormerConfig = self.metadata.to_config()
+        self.int8_kernel = cpu_int8_kernel()
+        # int8 graphs: which weight type runs fastest exactly on this CPU (the file's, or converted at load).
+        self.int8_weights = int8_weights_to_run(self.metadata.int8_weights, self.int8_kernel, self.providers)
+        if int8_weights is not None:
+            if not self.metadata.int8_weights or int8_weights not in WEIGHT_DTYPES:
+                raise ValueError(f"int8_weights={int8_weights!r}: give one of {WEIGHT_DTYPES} for an int8 graph")
+            self.int8_weights = int8_weights
         try:
             self.session = self._open(cache_dir)
         except Exception as e:  # ONNX Runtime's own error types are not importable classes
@@ -128,12 +160,6 @@ class OnnxRunner:
                     "it; export without --plugins for ONNX Runtime"
                 ) from None
             raise
-        props = self.session.get_modelmeta().custom_metadata_map
-        if self.cache_hit and "mask2former" not in props:  # an optimized copy without the metadata
-            props = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"]).get_modelmeta()
-            props = props.custom_metadata_map
-        self.metadata = ExportMetadata.from_props(props)
-        self.config: Mask2FormerConfig = self.metadata.to_config()
         inp = self.session.get_inputs()[0]
         self.input = InputSpec(
             inp.name, tuple(d if isinstance(d, int) else str(d) for d in inp.shape), _dtype(inp.type)
@@ -147,13 +173,31 @@ class OnnxRunner:
     def _options(self) -> ort.SessionOptions:
         return session_options(self.threads)
 
+    def _source(self) -> str | bytes:
+        """The graph to open: the file, or a copy with its int8 weights stored as ``self.int8_weights`` when that
+        differs from the file (the same integer products through another ONNX Runtime kernel)."""
+        if self.int8_weights == self.metadata.int8_weights:
+            return str(self.path)
+        model = onnx.load(str(self.path))
+        store_weights(model, self.int8_weights)
+        log.info(
+            "%s: int8 weights stored as %s, run as %s (CPU int8 kernel: %s)",
+            self.path,
+            self.metadata.int8_weights,
+            self.int8_weights,
+            self.int8_kernel,
+        )
+        return model.SerializeToString()
+
     def _open(self, cache_dir: str | Path | None) -> ort.InferenceSession:
         if cache_dir is None:
-            return open_session(str(self.path), self._options(), self.providers)
+            return open_session(self._source(), self._options(), self.providers)
         cache_dir = Path(cache_dir)
         tag = re.sub(r"[^A-Za-z0-9]+", "", "-".join(p.replace("ExecutionProvider", "") for p in self.providers))
         if disabled := disabled_optimizers(self.providers):  # the cached graph is optimized without these
             tag += "-no" + hashlib.sha256(",".join(disabled).encode()).hexdigest()[:6]
+        if self.int8_weights != self.metadata.int8_weights:
+            tag += f"-w{self.int8_weights}"
         self.cache_path = cache_dir / f"{self.sha256[:32]}-ort{ort.__version__}-{tag}-{hardware_tag()}.onnx"
         if self.cache_path.is_file():
             try:
@@ -168,12 +212,12 @@ class OnnxRunner:
             os.close(fd)
         except OSError as e:
             log.warning("optimized-model cache %s not writable (%s); running without it", cache_dir, e)
-            return open_session(str(self.path), self._options(), self.providers)
+            return open_session(self._source(), self._options(), self.providers)
         opts = self._options()
         opts.optimized_model_filepath = tmp
         opts.log_severity_level = 3  # not the "hardware specific" warning: the cache key has the CPU kind
         try:
-            session = open_session(str(self.path), opts, self.providers)
+            session = open_session(self._source(), opts, self.providers)
             os.replace(tmp, self.cache_path)  # atomic: concurrent replicas never read a partial file
         finally:
             if os.path.exists(tmp):
@@ -210,6 +254,8 @@ class OnnxRunner:
             "model": self.metadata.name,
             "source_sha256": self.metadata.source_sha256,
             "quantization": self.metadata.quantization or None,
+            "int8_weights": self.int8_weights or None,  # as run: see int8_weights_to_run
+            "cpu_int8_kernel": self.int8_kernel,
             "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": str(self.input.dtype)},
             "threads": self.threads,
             "providers": self.session.get_providers(),

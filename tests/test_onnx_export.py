@@ -36,7 +36,8 @@ import onnx  # noqa: E402
 from mask2former import load_model  # noqa: E402
 from mask2former.postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
 from mask2former.reference import TINY, architecture, save_hf_checkpoint  # noqa: E402
-from model_export.metadata import ExportMetadata, read_metadata  # noqa: E402
+from model_export import int8  # noqa: E402
+from model_export.metadata import ExportMetadata, read_metadata, write_metadata  # noqa: E402
 from model_export.onnx import (  # noqa: E402
     ExportCheckError,
     check_against_pytorch,
@@ -369,15 +370,24 @@ def test_fp16_export(tiny_folder, tmp_path):
     assert class_logits.dtype == np.float32 and np.isfinite(mask_logits).all()
 
 
-def test_int8_export(tiny_folder, tiny_model, tmp_path):
-    """Dynamic int8 quantization: MatMul weights stored as int8, checked at the int8 tolerance, and the
-    runner serves it; its outputs stay close to PyTorch's (a few percent of their range at most)."""
-    path = tmp_path / "int8.onnx"
-    report = export_onnx(tiny_folder, path, height=128, width=128, quantize="int8", log=None)
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_folder, tmp_path_factory):
+    path = tmp_path_factory.mktemp("int8") / "int8.onnx"
+    return path, export_onnx(tiny_folder, path, height=128, width=128, quantize="int8", log=None)
+
+
+def test_int8_export(tiny_int8, tiny_model):
+    """Dynamic int8 quantization: MatMul weights quantized to int8 and stored as uint8, checked at the int8
+    tolerance, and the runner serves it; its outputs stay close to PyTorch's (a few percent of their range
+    at most)."""
+    path, report = tiny_int8
     assert report.passed and report.tolerance == 0.1 and report.dtype == "float32"
     assert report.metadata.quantization == "int8-dynamic" and report.op_types["MatMulInteger"] > 0
     assert not any("::" in op for op in report.op_types)  # still standard ONNX ops only
-    assert read_metadata(path).quantization == "int8-dynamic"
+    meta = read_metadata(path)
+    assert meta.quantization == "int8-dynamic" and meta.quantization_info == int8.INFO
+    assert meta.int8_weights == "uint8"
+    assert set(int8.integer_matmul_weights(onnx.load(str(path))).values()) == {"uint8"}
     runner = OnnxRunner(path)
     assert runner.describe()["quantization"] == "int8-dynamic"
     x = inputs((1, 3, 128, 128))[0]
@@ -385,6 +395,51 @@ def test_int8_export(tiny_folder, tiny_model, tmp_path):
     with torch.inference_mode():
         ref = tiny_model(torch.from_numpy(x)).class_logits
     assert 0 < rel_diff(class_logits, ref) <= 0.1
+
+
+def test_int8_products_are_exact_on_this_cpu(tiny_int8):
+    """Every MatMulInteger of the int8 graph computes the exact integer product here: the file as stored
+    (uint8 weights: exact on every CPU) and the graph as the runner runs it on this CPU (int8 weights where
+    the CPU has VNNI). Before weights were stored as uint8, 5% of the entries came out saturated on x86 CPUs
+    without VNNI (bench/int8_saturation.py)."""
+    path, _ = tiny_int8
+    runner = OnnxRunner(path)
+    assert runner.int8_kernel == int8.cpu_int8_kernel() in ("vnni", "saturating", "exact")
+    assert runner.int8_weights == {"vnni": "int8", "saturating": "uint8", "exact": "uint8"}[runner.int8_kernel]
+    assert runner.describe()["int8_weights"] == runner.int8_weights
+    x = {"pixel_values": inputs((1, 3, 128, 128))[0]}
+    model = onnx.load(str(path))
+    assert all(wrong == 0 for _, wrong, _, _ in int8.integer_matmul_errors(model, x))
+    int8.store_weights(model, runner.int8_weights)
+    rows = int8.integer_matmul_errors(model, x)
+    assert len(rows) == sum(n.op_type == "MatMulInteger" for n in model.graph.node)
+    assert all(wrong == 0 for _, wrong, _, _ in rows)
+
+
+@pytest.mark.parametrize("kernel", ["saturating", "vnni"])
+def test_runner_converts_int8_weights_for_the_cpu(tiny_int8, tmp_path, monkeypatch, kernel):
+    """A file from before uint8 storage (int8 weights, no quantization_info) runs with uint8 weights on a CPU
+    whose u8 x s8 kernel saturates, and a new file with int8 weights on a VNNI CPU: the same integers, so the
+    outputs equal the file's own; the optimized-graph cache is keyed by the conversion."""
+    path, _ = tiny_int8
+    old = tmp_path / "old-int8.onnx"
+    model = onnx.load(str(path))
+    int8.store_weights(model, "int8")
+    meta = read_metadata(path)
+    write_metadata(model, ExportMetadata(**{**meta.__dict__, "quantization_info": {}}))
+    onnx.save(model, str(old))
+    assert read_metadata(old).int8_weights == "int8"
+    monkeypatch.setattr("service.onnx_runtime.cpu_int8_kernel", lambda: kernel)
+    want = {"saturating": "uint8", "vnni": "int8"}[kernel]
+    x = inputs((1, 3, 128, 128))[0]
+    reference = OnnxRunner(path, threads=1).run(x)  # as stored or converted: the same integer products
+    for source in (old, path):
+        runner = OnnxRunner(source, threads=1, cache_dir=tmp_path / "cache")
+        assert runner.int8_weights == want and runner.int8_kernel == kernel
+        converted = runner.metadata.int8_weights != want
+        assert (f"-w{want}" in runner.cache_path.name) == converted and runner.cache_path.is_file()
+        for got, ref in zip(runner.run(x), reference):
+            np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
 
 def test_export_arguments_are_validated(tiny_model, tmp_path):
