@@ -1,5 +1,5 @@
 """The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU), ``export onnx``,
-``serve`` (the HTTP service)."""
+``serve`` (the HTTP service), ``convert`` (a detectron2 checkpoint to an HF-format folder)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _predict(args: argparse.Namespace) -> int:
     from mask2former.visualize import draw_overlay
 
     image = load_image(args.image)
-    model = load_model(args.weights, device=args.device)
+    model = load_model(args.weights, device=args.device, labels=args.labels)
     if args.shortest_edge is not None:
         model.config = model.config.with_preprocess(shortest_edge=args.shortest_edge)
     if args.longest_edge is not None:
@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="segment one image and write the JSON result")
     p.add_argument("image", type=Path, help="image file (JPEG, PNG, WebP, BMP, TIFF, ...)")
-    p.add_argument("--weights", type=Path, help="HF checkpoint folder (config.json + weights); default: the demo model")
+    p.add_argument(
+        "--weights", type=Path, help="HF checkpoint folder or detectron2 .pkl/.pth file; default: the demo model"
+    )
+    p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--output", "-o", type=Path, help="write the JSON here (default: standard output)")
     p.add_argument("--overlay", type=Path, help="also write a PNG of the segments drawn over the image")
@@ -106,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_synth)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on a dataset written by `m2f synth` (or COCO-style)")
-    p.add_argument("--weights", type=Path, help="HF checkpoint folder; default: the demo model")
+    p.add_argument(
+        "--weights", type=Path, help="HF checkpoint folder or detectron2 .pkl/.pth file; default: the demo model"
+    )
+    p.add_argument("--labels", help=LABELS_HELP)
     p.add_argument("--data", type=Path, required=True, help="dataset folder")
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--batch-size", type=int, default=4)
@@ -122,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the HTTP service. Every option can also be set as an environment variable "
         "(M2F_MODEL, M2F_RUNTIME, M2F_PORT, M2F_MAX_BATCH_SIZE, ...); options given here win.",
     )
-    p.add_argument("--model", type=Path, help="HF checkpoint folder or .onnx file (default: the demo model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        help="HF checkpoint folder, detectron2 .pkl/.pth file or .onnx file (default: the demo model)",
+    )
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="auto: onnxruntime for .onnx files")
     p.add_argument("--device", help="torch device (cpu, cuda, ...)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
@@ -136,10 +146,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(run=_serve)
 
+    p = sub.add_parser(
+        "convert",
+        help="convert a detectron2 checkpoint (.pkl / .pth) to an HF-format folder",
+        description="Read a detectron2 Mask2Former checkpoint (model_final.pth or a model-zoo .pkl), derive the "
+        "architecture from its tensors, and write an HF-format folder (config.json with thing_ids, "
+        "preprocessor_config.json, model.safetensors) that predict, eval, export and serve take.",
+    )
+    p.add_argument("source", type=Path, help="the detectron2 checkpoint file")
+    p.add_argument("--output", "-o", type=Path, required=True, help="the folder to write")
+    p.add_argument("--labels", help=LABELS_HELP)
+    p.set_defaults(run=_convert)
+
     from model_export.cli import add_export_parser
 
     add_export_parser(sub)
     return parser
+
+
+LABELS_HELP = (
+    "class names, thing ids and test-time resize: a label set (coco-panoptic, coco-instance, ade20k-semantic, "
+    "ade20k-panoptic, ade20k-instance, cityscapes-semantic, cityscapes-panoptic, cityscapes-instance, "
+    "mapillary-vistas-semantic, mapillary-vistas-panoptic) or a labels .json file; for a detectron2 file the "
+    "default is the set its class count implies"
+)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mask2former.config import ResNetConfig
+    from mask2former.detectron2 import read_detectron2, write_hf_checkpoint
+    from mask2former.weights import build_model
+
+    if not args.source.is_file():
+        raise FileNotFoundError(f"no such checkpoint file: {args.source}")
+    cfg, hf_state, names = read_detectron2(args.source, args.labels)
+    build_model(cfg, hf_state, names)  # every tensor has its place (else CheckpointMismatch) before writing
+    write_hf_checkpoint(cfg, hf_state, args.output)
+    bb = cfg.backbone
+    backbone = (
+        f"ResNet (depths {list(bb.depths)})"
+        if isinstance(bb, ResNetConfig)
+        else f"Swin (embed {bb.embed_dim}, depths {list(bb.depths)}, window {bb.window_size})"
+    )
+    things = len(cfg.thing_ids)
+    print(
+        f"wrote {args.output}: {backbone}, {cfg.num_labels} classes ({things} things), {cfg.num_queries} queries, "
+        f"{cfg.decoder_layers} decoder layers; resize {cfg.preprocess.shortest_edge}/{cfg.preprocess.longest_edge}"
+    )
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -291,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from mask2former import load_model
 
-        model = load_model(args.weights, device=args.device)
+        model = load_model(args.weights, device=args.device, labels=getattr(args, "labels", None))
     result = evaluate(model, args.data, args.task, batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(result) if args.json else format_report(result))
     return 0

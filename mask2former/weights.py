@@ -5,7 +5,8 @@ decoder self-attention q/k/v projections into one weight, folds each ResNet batc
 into one per-channel scale and shift (:func:`mask2former.resnet.fold_batch_norm`), and raises
 :class:`CheckpointMismatch` naming every missing, unused or mis-shaped key. Both HF layouts are accepted:
 the one ``transformers`` 4.x wrote (the public hub checkpoints: ``attention.self.query``,
-``intermediate.dense``, ...) and the 5.x one.
+``intermediate.dense``, ...) and the 5.x one. detectron2 checkpoint files are mapped onto the 5.x layout
+first (:mod:`mask2former.detectron2`) and then take the same path.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 
 from mask2former.config import Mask2FormerConfig, ResNetConfig, read_config
+from mask2former.detectron2 import read_detectron2
+from mask2former.label_sets import apply_labels, resolve_labels
 from mask2former.mask2former import Mask2Former
 from mask2former.resnet import fold_batch_norm
 
@@ -125,15 +128,31 @@ _FOLDS = _rules([
 
 
 class CheckpointMismatch(ValueError):
-    """The checkpoint does not fit the model; the message lists every offending key."""
+    """The checkpoint does not fit the model.
+
+    The attributes list every offending key; the message is one line naming the first
+    :attr:`SHOWN` of each kind.
+    """
+
+    SHOWN = 10
 
     def __init__(self, missing: list[str], unused: list[str], misshaped: list[str]):
         self.missing, self.unused, self.misshaped = missing, unused, misshaped
         parts = []
         for title, keys in (("missing", missing), ("unused", unused), ("mis-shaped", misshaped)):
             if keys:
-                parts.append(f"{len(keys)} {title} key(s):\n  " + "\n  ".join(keys))
-        super().__init__("checkpoint does not match the model config; " + "\n".join(parts))
+                more = f", ... ({len(keys) - self.SHOWN} more)" if len(keys) > self.SHOWN else ""
+                parts.append(f"{len(keys)} {title} key(s): " + ", ".join(keys[: self.SHOWN]) + more)
+        super().__init__("checkpoint does not match the model config; " + "; ".join(parts))
+
+    def renamed(self, names: Mapping[str, str]) -> CheckpointMismatch:
+        """The same mismatch with every checkpoint key in ``names`` written as its value (e.g. the
+        detectron2 name of an HF key)."""
+
+        def rename(entry: str) -> str:
+            return re.sub(r"[\w.]+", lambda m: names.get(m[0], m[0]), entry)
+
+        return CheckpointMismatch(self.missing, sorted(map(rename, self.unused)), sorted(map(rename, self.misshaped)))
 
 
 def _legacy_to_current(key: str) -> str:
@@ -289,17 +308,46 @@ def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"
 
 
-def load_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> Mask2Former:
-    """Build the model from an HF checkpoint folder and load its weights; returned in eval mode.
+def load_model(
+    path: str | Path | None = None, device: str | torch.device = "cpu", labels: str | Path | None = None
+) -> Mask2Former:
+    """Build the model from a checkpoint and load its weights; returned in eval mode.
 
-    With no ``path``, the bundled demo model. The config (labels, thing/stuff flags, preprocessing) is
-    on ``model.config``.
+    Args:
+        path: an HF checkpoint folder, or a detectron2 checkpoint file (``model_final.pth``, model-zoo
+            ``.pkl``; :mod:`mask2former.detectron2`). None: the bundled demo model.
+        device: torch device.
+        labels: a label-set name (:data:`mask2former.label_sets.LABEL_SETS`) or labels JSON file giving the
+            class names, thing ids and test-time resize; a detectron2 file without it gets the set its class
+            count implies. Must have the checkpoint's class count.
+    The config (labels, thing/stuff flags, preprocessing) is on ``model.config``.
     """
-    path = DEMO_WEIGHTS if path is None else path
-    cfg: Mask2FormerConfig = read_config(path)
+    path = Path(DEMO_WEIGHTS if path is None else path)
+    names: dict[str, str] = {}
+    if path.is_file() or path.suffix in (".pkl", ".pth"):
+        cfg, hf_state, names = read_detectron2(path, labels)
+    else:
+        cfg = read_config(path)
+        if labels is not None:
+            cfg = apply_labels(cfg, resolve_labels(labels, cfg.num_labels))
+        hf_state = read_hf_state_dict(path)
+    return build_model(cfg, hf_state, names).to(device)
+
+
+def build_model(
+    cfg: Mask2FormerConfig, hf_state: Mapping[str, torch.Tensor], names: Mapping[str, str] | None = None
+) -> Mask2Former:
+    """The model of ``cfg`` with the weights of an HF state dict (:func:`convert_hf_state_dict`), in eval mode.
+
+    ``names`` ({HF key: original key}) rewrites the keys in a :class:`CheckpointMismatch` into the names the
+    checkpoint file uses (detectron2's).
+    """
     model = Mask2Former(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     norm_eps = cfg.backbone.norm_eps if isinstance(cfg.backbone, ResNetConfig) else 1e-5
-    state = convert_hf_state_dict(read_hf_state_dict(path), expected, norm_eps=norm_eps)
+    try:
+        state = convert_hf_state_dict(hf_state, expected, norm_eps=norm_eps)
+    except CheckpointMismatch as e:
+        raise e.renamed(names) if names else e from None
     model.load_state_dict(state, strict=True)
-    return model.eval().to(device)
+    return model.eval()

@@ -22,7 +22,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
             "foreign float type), and ONNX Runtime against PyTorch within the tolerance."
         ),
     )
-    p.add_argument("--weights", type=Path, help="HF checkpoint folder (default: the demo model)")
+    p.add_argument(
+        "--weights", type=Path, help="HF checkpoint folder or detectron2 .pkl/.pth file (default: the demo model)"
+    )
     p.add_argument("--output", "-o", type=Path, required=True, help="the .onnx file to write")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--dynamic-shape", action="store_true", help="dynamic height and width (the default)")
