@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former import load_model  # noqa: E402
-from mask2former.reference import DATASETS, SWIN, architecture, save_hf_checkpoint  # noqa: E402
+from mask2former.reference import DATASETS, RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
 from mask2former.transformer_decoder import attention_mask, attention_mask_at_level  # noqa: E402
 
 REL_TOL = 1e-4
@@ -233,7 +233,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", choices=list(SWIN), default="tiny", help="Swin variant (default tiny)")
+    parser.add_argument(
+        "--backbone", choices=[*SWIN, *RESNET], default="tiny", help="Swin size or r50/r101 (default tiny)"
+    )
     parser.add_argument("--dataset", choices=list(DATASETS), default="coco-panoptic", help="sets the class count")
     parser.add_argument(
         "--sizes", nargs="+", type=parse_size, default=[(384, 384), (640, 640)], help="HxW (default 384x384 640x640)"
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     arch = architecture(args.backbone, args.dataset)
     print(
-        f"model: swin-{args.backbone} {args.dataset} ({arch['num_labels']} classes, {arch['num_queries']} queries), "
+        f"model: {args.backbone if args.backbone in RESNET else 'swin-' + args.backbone} {args.dataset} ({arch['num_labels']} classes, {arch['num_queries']} queries), "
         f"random weights (seed {args.seed}), float32, eager, torch.inference_mode()"
     )
     print(f"timing: {args.warmup} warm-up + up to {args.iters} interleaved iterations per model", flush=True)

@@ -2,7 +2,7 @@
 
     python bench/onnxruntime_vs_eager.py [--sizes 384 640] [--batch 1 4] [--iters 5] [--opset N] [--int8]
 
-The public swin-tiny COCO-panoptic architecture (133 classes, 100 queries) with random weights is saved
+The public swin-tiny (or ``--backbone``) COCO-panoptic architecture (133 classes, 100 queries), random weights, is saved
 once as an HF checkpoint; ours and ``transformers`` load it, and ``m2f export onnx`` exports it once per
 size (fixed height/width, dynamic batch; the exporter checks ONNX Runtime against PyTorch before this
 script times anything). Iterations rotate through the three runtimes so machine noise hits all alike.
@@ -33,7 +33,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former import load_model  # noqa: E402
-from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
+from mask2former.reference import RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
 from service.onnx_runtime import OnnxRunner  # noqa: E402
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--opset", type=int, default=None, help="export opset (default: the exporter's)")
+    parser.add_argument("--backbone", choices=[*SWIN, *RESNET], default="tiny", help="Swin size or r50/r101")
     parser.add_argument("--int8", action="store_true", help="also time the int8 (dynamically quantized) export")
     parser.add_argument("--pq-images", type=int, default=500, help="held-out images for the int8 PQ comparison")
     parser.add_argument("--json", type=Path)
@@ -96,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{datetime.date.today()}, torch {torch.__version__}, {threads} threads; fp32 matmul peak {peak:.1f} GFLOP/s")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = save_hf_checkpoint(architecture("tiny", "coco-panoptic"), Path(tmp) / "ckpt", seed=0)
+        ckpt = save_hf_checkpoint(architecture(args.backbone, "coco-panoptic"), Path(tmp) / "ckpt", seed=0)
         ours = load_model(ckpt)
         theirs = Mask2FormerForUniversalSegmentation.from_pretrained(ckpt).eval()
         for size in args.sizes:
-            onnx_path = Path(tmp) / f"swin-tiny-{size}.onnx"
+            onnx_path = Path(tmp) / f"{args.backbone}-{size}.onnx"
             t0 = time.perf_counter()
             opset = {"opset": args.opset} if args.opset else {}
             report = export_onnx(
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             runner = OnnxRunner(onnx_path, threads=threads)
             runners = {"onnxruntime": runner}
             if args.int8:
-                int8_path = Path(tmp) / f"swin-tiny-{size}-int8.onnx"
+                int8_path = Path(tmp) / f"{args.backbone}-{size}-int8.onnx"
                 export_onnx(
                     ckpt, int8_path, height=size, width=size, dynamic_batch=True, quantize="int8", log=None, **opset
                 )
