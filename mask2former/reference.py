@@ -121,3 +121,14 @@ def save_hf_checkpoint(arch: dict[str, Any], folder: str | Path, seed: int = 0) 
     folder = Path(folder)
     hf_model(arch, seed).save_pretrained(folder)
     return folder
+
+
+def compare(stage: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = 1e-4) -> float:
+    """Max |ours - ref| / max |ref| of one stage's output, printed; AssertionError above ``rel_tol`` (the
+    parity tests' tolerance) or on a shape mismatch."""
+    assert ours.shape == ref.shape, f"{stage}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    print(f"{stage:36s} max|diff| {diff:.2e}  max|ref| {scale:.2f}  rel {diff / scale:.1e}")
+    assert diff <= rel_tol * scale, f"{stage}: max abs diff {diff:.3e} > {rel_tol} x max |ref| {scale:.3e}"
+    return diff / scale

@@ -29,7 +29,7 @@ from mask2former.detectron2 import (
     read_detectron2_file,
 )
 from mask2former.label_sets import LABEL_SETS, read_labels_json
-from mask2former.reference import TINY, TINY_R50, hf_model
+from mask2former.reference import TINY, TINY_R50, compare, hf_model
 from mask2former.swin import relative_position_index
 from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 from mask2former.weights import CheckpointMismatch, match_hf_key
@@ -179,16 +179,6 @@ def loaded(request, arch, tmp_path_factory):
 @pytest.fixture(scope="module", params=PARITY_VARIANTS)
 def parity(request, arch, tmp_path_factory):
     return load_variant(request.param, arch, tmp_path_factory)
-
-
-def compare(stage: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max |ours - ref| / max |ref|; fails above :data:`REL_TOL`."""
-    assert ours.shape == ref.shape, f"{stage}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    scale = ref.abs().max().item()
-    diff = (ours - ref).abs().max().item()
-    print(f"{stage:36s} max|diff| {diff:.2e}  max|ref| {scale:.2f}  rel {diff / scale:.1e}")
-    assert diff <= REL_TOL * scale, f"{stage}: max abs diff {diff:.3e} > {REL_TOL} x max |ref| {scale:.3e}"
-    return diff / scale
 
 
 # ---------------------------------------------------------------------------------------------- loading

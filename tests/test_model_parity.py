@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from mask2former import load_model
-from mask2former.reference import TINY, architecture, hf_model
+from mask2former.reference import TINY, architecture, compare, hf_model
 from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 
 pytest.importorskip("transformers")
 
-REL_TOL = 1e-4
 
 ARCHS = {"tiny": TINY, "swin-tiny-coco-panoptic": architecture("tiny", "coco-panoptic")}
 # Batch 2; square and non-square; no side a multiple of 32 (and, for the tiny config, stage-4 maps
@@ -37,15 +36,6 @@ def models(request, tmp_path_factory):
     ref = hf_model(ARCHS[request.param], seed=1)
     ref.save_pretrained(folder)
     return request.param, ref, load_model(folder)
-
-
-def compare(stage: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    assert ours.shape == ref.shape, f"{stage}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    scale = ref.abs().max().item()
-    diff = (ours - ref).abs().max().item()
-    print(f"{stage:28s} max|diff| {diff:.2e}  max|ref| {scale:.2f}  rel {diff / scale:.1e}")
-    assert diff <= REL_TOL * scale, f"{stage}: max abs diff {diff:.3e} > {REL_TOL} x max |ref| {scale:.3e}"
-    return diff
 
 
 def run_reference(ref, x):

@@ -18,28 +18,17 @@ import torch
 from mask2former import ResNetConfig, load_model, read_config
 from mask2former.config import RESNET_DEPTHS, Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
-from mask2former.reference import TINY_R50, TINY_R101, architecture, hf_model
+from mask2former.reference import TINY_R50, TINY_R101, architecture, compare, hf_model
 from mask2former.resnet import FrozenBatchNorm2d, ResNetBackbone, fold_batch_norm
 from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 from mask2former.weights import CheckpointMismatch, convert_hf_state_dict, read_hf_state_dict, to_hf_state_dict
 
 pytest.importorskip("transformers")
 
-REL_TOL = 1e-4
 ARCHS = {"tiny-r50": TINY_R50, "tiny-r101": TINY_R101, "r50-coco-panoptic": architecture("r50", "coco-panoptic")}
 SIZE = (200, 168)  # neither side a multiple of 32: the stage maps are 50x42, 25x21, 13x11, 7x6
 STEM = "model.pixel_level_module.encoder.embedder.embedder."
 BLOCK = "model.pixel_level_module.encoder.encoder.stages.{}.layers.{}."
-
-
-def compare(stage: str, ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max |ours - ref| / max |ref|; fails above :data:`REL_TOL`."""
-    assert ours.shape == ref.shape, f"{stage}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
-    scale = ref.abs().max().item()
-    diff = (ours - ref).abs().max().item()
-    print(f"{stage:32s} max|diff| {diff:.2e}  max|ref| {scale:.2f}  rel {diff / scale:.1e}")
-    assert diff <= REL_TOL * scale, f"{stage}: max abs diff {diff:.3e} > {REL_TOL} x max |ref| {scale:.3e}"
-    return diff / scale
 
 
 @pytest.fixture(
