@@ -3,9 +3,12 @@
 ``create_app(settings)`` builds the app; the model loads and warms up in the background after start-up
 (``/healthz`` answers at once, ``/readyz`` once the model is ready). A segmentation request:
 
-1. reserves a slot (at most ``max_queue`` requests admitted and unanswered; else 503 + Retry-After);
-2. reads the body (``image/*`` or ``application/octet-stream`` raw, or a multipart field ``image``) up to
-   ``max_body_bytes`` (413), decodes and resizes it in a worker thread (415 / 413 / 400);
+1. reads the body (``image/*`` or ``application/octet-stream`` raw, or a multipart field ``image``) under
+   the upload limits, not the compute ones: at most ``max_uploads`` bodies at once (503), each within
+   ``upload_timeout_s`` and never idle for ``upload_idle_timeout_s`` (408), up to ``max_body_bytes`` (413),
+   so that no number of slow or stalled clients can hold the compute slots;
+2. only then reserves a slot (at most ``max_queue`` requests admitted and unanswered; else 503 +
+   Retry-After), and decodes and resizes the image in a worker thread (415 / 413 / 400);
 3. waits for its batch, at most until its deadline (504); a client that disconnects is dropped;
 4. post-processes and RLE-encodes its image in a worker thread (:func:`service.pipeline.answer`).
 
@@ -23,6 +26,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -62,6 +66,7 @@ class ServiceState:
         self.draining = False
         self.load_error: BaseException | None = None
         self.admitted = 0
+        self.uploads = 0  # bodies being read
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
         self.cpu_pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
         self.recent_batch_s = 1.0  # moving average of batch time, for Retry-After
@@ -123,20 +128,31 @@ class ServiceState:
         batches = self.admitted / max(self.batcher.policy.max_batch_size if self.batcher else 1, 1)
         return str(min(max(math.ceil(batches * self.recent_batch_s), 1), 60))
 
-    def admit(self) -> None:
+    def refusal(self) -> HTTPError | None:
+        """The 503 a request would get now (draining, model not ready, queue full), or None."""
         if self.draining:
-            raise HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
+            return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
         if not self.ready:
             if self.load_error is not None:
-                raise HTTPError(503, "not_ready", f"the model failed to load: {self.load_error}")
-            raise HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+                return HTTPError(503, "not_ready", f"the model failed to load: {self.load_error}")
+            return HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
         if self.admitted >= self.settings.max_queue:
-            raise HTTPError(
+            return HTTPError(
                 503,
                 "queue_full",
                 f"{self.admitted} requests are queued; try again later",
                 {"Retry-After": self.retry_after()},
             )
+        return None
+
+    def check_admission(self) -> None:
+        """Refuse at once (before the upload) what :meth:`admit` would refuse now."""
+        if (refused := self.refusal()) is not None:
+            raise refused
+
+    def admit(self) -> None:
+        """Take a compute slot, or raise the 503 of :meth:`refusal`."""
+        self.check_admission()
         self.admitted += 1
         self.metrics.inflight.set(self.admitted)
 
@@ -146,8 +162,20 @@ class ServiceState:
 
 
 # ---------------------------------------------------------------------------------------------- body
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing more than ``limit`` bytes (413) before reading it all when possible."""
+@dataclass(frozen=True)
+class UploadLimits:
+    """How a body is read: at most ``max_bytes`` (413), finished by ``deadline`` (``time.monotonic()``) and
+    never idle for ``idle_s`` (408)."""
+
+    max_bytes: int
+    deadline: float
+    idle_s: float
+
+
+async def read_body(request: Request, limits: UploadLimits) -> bytes:
+    """The request body under ``limits``, refusing more than ``max_bytes`` (413) before reading it all when
+    the Content-Length says so, and a client too slow to send it (408)."""
+    limit = limits.max_bytes
     length = request.headers.get("content-length")
     if length is not None:
         if not length.strip().isdigit():
@@ -155,7 +183,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         if int(length) > limit:
             raise HTTPError(413, "too_large", f"body of {int(length)} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        left = limits.deadline - time.monotonic()
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(left, limits.idle_s)))
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            why = "not sent in time" if left <= limits.idle_s else f"idle for {limits.idle_s:g} s"
+            raise HTTPError(408, "upload_timeout", f"request body {why} ({size} bytes received)") from None
         size += len(chunk)
         if size > limit:
             raise HTTPError(413, "too_large", f"body is over the limit of {limit} bytes")
@@ -163,7 +200,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def image_bytes(request: Request, limit: int) -> bytes:
+async def image_bytes(request: Request, limits: UploadLimits) -> bytes:
     """The encoded image: the raw body (``image/*``, ``application/octet-stream``) or multipart field ``image``."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if not (ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data")):
@@ -173,7 +210,8 @@ async def image_bytes(request: Request, limit: int) -> bytes:
             f"Content-Type {ctype or '(none)'} not accepted: send the image as the body (image/*) or as the "
             "multipart/form-data field 'image'",
         )
-    body = await read_body(request, limit)
+    limit = limits.max_bytes
+    body = await read_body(request, limits)
     if ctype != "multipart/form-data":
         if not body:
             raise HTTPError(400, "bad_image", "empty body")
@@ -194,6 +232,29 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     if not data:
         raise HTTPError(400, "bad_image", "empty image field")
     return data
+
+
+async def read_upload(request: Request, state: ServiceState, deadline: float) -> bytes:
+    """The image bytes, read under the upload limits (at most ``max_uploads`` at once, else 503
+    ``too_many_uploads``), within the request's deadline."""
+    settings = state.settings
+    if state.uploads >= settings.max_uploads:
+        raise HTTPError(
+            503,
+            "too_many_uploads",
+            f"{state.uploads} uploads in progress; try again later",
+            {"Retry-After": "1"},
+        )
+    state.uploads += 1
+    try:
+        limits = UploadLimits(
+            settings.max_body_bytes,
+            min(deadline, time.monotonic() + settings.upload_timeout_s),
+            settings.upload_idle_timeout_s,
+        )
+        return await image_bytes(request, limits)
+    finally:
+        state.uploads -= 1
 
 
 def decode_and_prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
@@ -365,9 +426,10 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         task_name = task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
         status, admitted = 500, False
         try:
+            state.check_admission()  # a full queue or a draining server answers at once, before the upload
+            data = await read_upload(request, state, deadline)
             state.admit()
             admitted = True
-            data = await image_bytes(request, settings.max_body_bytes)
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(state.cpu_pool, decode_and_prepare, data, state)
             decoded = time.perf_counter()

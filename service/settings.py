@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=1, description="requests admitted and not yet answered; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger bodies get 413")
+    # Uploads are read under their own limits, before a request takes a compute slot (max_queue).
+    max_uploads: int = Field(128, ge=1, description="request bodies being read at once; more get 503")
+    upload_timeout_s: float = Field(20.0, gt=0, description="a body not read in full by then gets 408")
+    upload_idle_timeout_s: float = Field(5.0, gt=0, description="a body that sends nothing for this long gets 408")
     max_pixels: int = Field(40_000_000, ge=1, description="width x height over this gets 413, read before decoding")
     max_instances: int = Field(100, ge=1, description="default and upper limit of the instance task's top-k")
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import re
+import select
 import signal
 import socket
 import struct
@@ -335,6 +337,77 @@ def test_queue_full_deadline_and_disconnect(start_server):
     assert server.wait_metric("m2f_rejections_total", 1, timeout=0.9, reason="disconnected") == 1
     assert server.metric("m2f_queue_depth") == 0 and server.metric("m2f_inflight_requests") == 0
     assert server.client.get("/healthz").status_code == 200
+
+
+def read_reply(sock: socket.socket, timeout: float = 30) -> tuple[int, dict]:
+    """Status and JSON body of the HTTP response on a raw socket (the server closes the connection)."""
+    sock.settimeout(timeout)
+    reply = b""
+    while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+        part = sock.recv(4096)
+        if not part:
+            break
+        reply += part
+    status_line, _, rest = reply.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def test_stalled_uploads_do_not_block_other_requests(start_server):
+    """64 clients send their headers and one byte of a 100 kB body, then stall. They hold no compute slot
+    (there are 32): 10 well-behaved requests sent meanwhile are all answered, and each stalled upload gets a
+    JSON 408 once it has been idle for the upload idle timeout. (Before uploads were read outside the
+    compute slots, the stalled clients held all 32 and every other request got 503.)"""
+    server = start_server("--max-queue", "32", env={"M2F_UPLOAD_IDLE_TIMEOUT_S": "3"})
+    data = encode(sample_image(1))
+    head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    stalled = []
+    try:
+        for _ in range(64):
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(head.encode() + b"\x89")
+            stalled.append(sock)
+        with ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(lambda _: post(server, data), range(10)))
+        assert [r.status_code for r in answers] == [200] * 10
+        for sock in stalled:  # then each stalled client is told why, in JSON
+            status, body = read_reply(sock)
+            assert status == 408 and body["error"]["reason"] == "upload_timeout" and "idle" in body["error"]["message"]
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert server.metric("m2f_rejections_total", reason="upload_timeout") == 64
+    assert server.metric("m2f_inflight_requests") == 0
+    assert server.client.get("/healthz").status_code == 200
+
+
+def test_slow_uploads_get_408_and_uploads_are_capped(start_server):
+    """A client trickling its body (a byte every 0.3 s: never idle for the 2 s idle timeout) gets 408 at the
+    3 s upload deadline; with 2 uploads in progress a third gets 503 at once."""
+    env = {"M2F_UPLOAD_TIMEOUT_S": "3", "M2F_UPLOAD_IDLE_TIMEOUT_S": "2", "M2F_MAX_UPLOADS": "2"}
+    server = start_server(env=env)
+    head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", server.port)) as slow,
+        socket.create_connection(("127.0.0.1", server.port)) as stalled,
+    ):
+        slow.sendall(head.encode())
+        stalled.sendall(head.encode() + b"\x89")
+        time.sleep(0.5)  # both are being read by now
+        third = post(server, encode(sample_image(0)))
+        assert third.status_code == 503 and third.json()["error"]["reason"] == "too_many_uploads"
+        assert third.headers["Retry-After"] == "1"
+        sent = 0
+        while sent < 40 and not select.select([slow], [], [], 0.3)[0]:  # until the server answers (12 s at most)
+            slow.sendall(b"\x00")
+            sent += 1
+        status, body = read_reply(slow)
+        assert status == 408 and "not sent in time" in body["error"]["message"]
+        assert 5 <= sent < 20  # cut off at the 3 s deadline (10 bytes), not at the idle timeout
+        status, body = read_reply(stalled)
+        assert status == 408 and "idle" in body["error"]["message"]
+    assert server.metric("m2f_rejections_total", reason="too_many_uploads") == 1
+    assert server.metric("m2f_rejections_total", reason="upload_timeout") == 2
+    assert post(server, encode(sample_image(0))).status_code == 200
 
 
 def test_sigterm_drains_accepted_requests(start_server):
