@@ -13,12 +13,13 @@
 4. post-processes and RLE-encodes its image in a worker thread (:func:`service.pipeline.answer`).
 
 On SIGTERM (see :func:`serve`) the service stops admitting (503 ``draining``, ``/readyz`` 503) and finishes
-what it accepted before exiting.
+what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets a JSON 503 ``draining``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -67,6 +68,7 @@ class ServiceState:
         self.load_error: BaseException | None = None
         self.admitted = 0
         self.uploads = 0  # bodies being read
+        self.abandoned = asyncio.Event()  # set at the drain timeout: open requests are answered 503
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
         self.cpu_pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
         self.recent_batch_s = 1.0  # moving average of batch time, for Retry-After
@@ -114,6 +116,10 @@ class ServiceState:
             log.info("draining: %d request(s) admitted", self.admitted)
         self.draining = True
         self.metrics.ready.set(0)
+
+    def abandon_after(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """At ``seconds`` from now, answer every open request 503 ``draining`` (thread-safe)."""
+        loop.call_soon_threadsafe(loop.call_later, seconds, self.abandoned.set)
 
     async def close(self) -> None:
         self.begin_drain()
@@ -285,10 +291,11 @@ async def wait_for_result(request: Request, state: ServiceState, item: Item, dea
         done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
+        if not future.done():  # timed out, client gone, or this request abandoned: out of the queue
+            batcher.cancel(item)
+            future.cancel()
     if future in done:
         return future.result()  # a failed batch raises here
-    batcher.cancel(item)
-    future.cancel()
     if watcher in done:
         raise HTTPError(499, "disconnected", "client closed the connection")
     raise HTTPError(504, "timeout", f"no result within {state.settings.request_timeout_s:g}s")
@@ -422,63 +429,89 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         png: Annotated[bool, Query(description="also return the panoptic or semantic map as a base64 PNG")] = False,
     ) -> Response:
         started = time.perf_counter()
-        deadline = time.monotonic() + settings.request_timeout_s
-        task_name = task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
-        status, admitted = 500, False
+
+        async def handle() -> Response:
+            deadline = time.monotonic() + settings.request_timeout_s
+            task_name = task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
+            status, admitted = 500, False
+            try:
+                state.check_admission()  # a full queue or a draining server answers at once, before the upload
+                data = await read_upload(request, state, deadline)
+                state.admit()
+                admitted = True
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(state.cpu_pool, decode_and_prepare, data, state)
+                decoded = time.perf_counter()
+                result = await wait_for_result(request, state, Item(prepared.pixels, prepared.resized_size), deadline)
+                state.metrics.queue_duration.observe(result.queue_s)
+                post_start = time.perf_counter()
+                body = await loop.run_in_executor(
+                    state.cpu_pool,
+                    functools.partial(
+                        pipeline.answer,
+                        task_name,
+                        state.runner.config,
+                        prepared,
+                        result.class_logits,
+                        result.mask_logits,
+                        threshold=threshold,
+                        overlap_mask_area_threshold=overlap_mask_area_threshold,
+                        max_instances=min(max_instances or settings.max_instances, settings.max_instances),
+                        png=png,
+                    ),
+                )
+                post_s = time.perf_counter() - post_start
+                state.metrics.postprocess_duration.labels(task_name).observe(post_s)
+                body["timings"] = {
+                    "decode_s": decoded - started,
+                    "queue_s": result.queue_s,
+                    "inference_s": result.inference_s,
+                    "postprocess_s": post_s,
+                    "total_s": time.perf_counter() - started,
+                    "batch_size": result.batch_size,
+                }
+                content = await loop.run_in_executor(state.cpu_pool, lambda: json.dumps(body).encode())
+                status = 200
+                return Response(content, media_type="application/json")
+            except asyncio.CancelledError:  # abandoned at the drain timeout (see below)
+                status = 503
+                raise
+            except HTTPError as e:
+                status = e.status
+                state.metrics.rejections.labels(e.reason).inc()
+                raise
+            except Exception:
+                log.exception("segmentation failed")
+                status = 500
+                return error_response(500, "internal", "inference failed; see the server log")
+            finally:
+                if admitted:
+                    state.release()
+                state.metrics.requests.labels(task_name, str(status)).inc()
+                state.metrics.request_duration.labels(task_name).observe(time.perf_counter() - started)
+
+        # At the drain timeout every open request is answered 503 draining in JSON (one log line each),
+        # before uvicorn's own shutdown deadline would cut it off with a plain-text 500.
+        work = asyncio.ensure_future(handle())
+        abandon = asyncio.ensure_future(state.abandoned.wait())
         try:
-            state.check_admission()  # a full queue or a draining server answers at once, before the upload
-            data = await read_upload(request, state, deadline)
-            state.admit()
-            admitted = True
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(state.cpu_pool, decode_and_prepare, data, state)
-            decoded = time.perf_counter()
-            result = await wait_for_result(request, state, Item(prepared.pixels, prepared.resized_size), deadline)
-            state.metrics.queue_duration.observe(result.queue_s)
-            post_start = time.perf_counter()
-            body = await loop.run_in_executor(
-                state.cpu_pool,
-                functools.partial(
-                    pipeline.answer,
-                    task_name,
-                    state.runner.config,
-                    prepared,
-                    result.class_logits,
-                    result.mask_logits,
-                    threshold=threshold,
-                    overlap_mask_area_threshold=overlap_mask_area_threshold,
-                    max_instances=min(max_instances or settings.max_instances, settings.max_instances),
-                    png=png,
-                ),
-            )
-            post_s = time.perf_counter() - post_start
-            state.metrics.postprocess_duration.labels(task_name).observe(post_s)
-            body["timings"] = {
-                "decode_s": decoded - started,
-                "queue_s": result.queue_s,
-                "inference_s": result.inference_s,
-                "postprocess_s": post_s,
-                "total_s": time.perf_counter() - started,
-                "batch_size": result.batch_size,
-            }
-            content = await loop.run_in_executor(state.cpu_pool, lambda: json.dumps(body).encode())
-            status = 200
-            return Response(content, media_type="application/json")
-        except HTTPError as e:
-            status = e.status
-            state.metrics.rejections.labels(e.reason).inc()
-            raise
-        except Exception:
-            log.exception("segmentation failed")
-            status = 500
-            return error_response(500, "internal", "inference failed; see the server log")
+            done, _ = await asyncio.wait({work, abandon}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if admitted:
-                state.release()
-            state.metrics.requests.labels(task_name, str(status)).inc()
-            state.metrics.request_duration.labels(task_name).observe(time.perf_counter() - started)
+            abandon.cancel()
+        if work in done:
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work  # its own accounting (slot, metrics) runs as it unwinds
+        waited = time.perf_counter() - started
+        log.warning("drain timeout: abandoned %s %s after %.1f s", request.method, request.url.path, waited)
+        state.metrics.rejections.labels("draining").inc()
+        return error_response(503, "draining", "the server shut down before this request was answered")
 
     return app
+
+
+DRAIN_GRACE_S = 3  # seconds uvicorn waits past drain_timeout_s for the 503s to be written
 
 
 def serve(settings: Settings) -> int:
@@ -493,8 +526,16 @@ def serve(settings: Settings) -> int:
     state: ServiceState = app.state.service
 
     class DrainingServer(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets: Any = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
         def handle_exit(self, sig: int, frame: Any) -> None:
             state.begin_drain()  # before uvicorn stops listening: /readyz and new requests see it
+            if self.loop is not None and not self.should_exit:
+                state.abandon_after(self.loop, settings.drain_timeout_s)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
@@ -503,7 +544,8 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s),
+        # Later than our own drain timeout, which answers what is still open in JSON first.
+        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S,
     )
     server = DrainingServer(config)
     app.state.on_load_error = lambda: setattr(server, "should_exit", True)

@@ -410,6 +410,28 @@ def test_slow_uploads_get_408_and_uploads_are_capped(start_server):
     assert post(server, encode(sample_image(0))).status_code == 200
 
 
+def test_drain_timeout_answers_open_requests_in_json(start_server):
+    """SIGTERM with a request waiting for its batch (which would wait 20 s) and an upload stalled: at the
+    1 s drain timeout both get a JSON 503 'draining', the log has one line each and no traceback, and
+    the process exits."""
+    server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "20000", env={"M2F_DRAIN_TIMEOUT_S": "1"})
+    head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    with ThreadPoolExecutor(1) as pool, socket.create_connection(("127.0.0.1", server.port)) as stalled:
+        waiting = pool.submit(post, server, encode(sample_image(2)))
+        assert server.wait_metric("m2f_queue_depth", 1) == 1
+        stalled.sendall(head.encode() + b"\x89")
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)
+        r = waiting.result(timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["reason"] == "draining"
+        status, body = read_reply(stalled)
+        assert status == 503 and body["error"]["reason"] == "draining"
+    assert server.proc.wait(timeout=30) != 0
+    log = server.log()
+    assert log.count("drain timeout: abandoned POST /v1/segment") == 2
+    assert "Traceback" not in log and "CancelledError" not in log and "Internal Server Error" not in log
+
+
 def test_sigterm_drains_accepted_requests(start_server):
     server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "1500")
     data = encode(sample_image(2))
