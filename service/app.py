@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import math
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -320,7 +321,8 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
                 log.info("ready: %s", json.dumps(state.runner.describe()))
             except Exception as e:  # noqa: BLE001 - reported on /readyz and ends `m2f serve`
                 state.load_error = e
-                log.exception("model failed to load")
+                log.error("model failed to load: %s", e)  # one line; the traceback at debug level
+                log.debug("model load traceback", exc_info=True)
                 app.state.on_load_error()
 
         loader = asyncio.ensure_future(load())
@@ -516,7 +518,8 @@ DRAIN_GRACE_S = 3  # seconds uvicorn waits past drain_timeout_s for the 503s to 
 
 def serve(settings: Settings) -> int:
     """Run the service with uvicorn until SIGTERM/SIGINT, draining on the way out (uvicorn then re-raises
-    the signal, so the process ends as terminated by it). Returns 1 when the model failed to load."""
+    the signal, so the process ends as terminated by it). Returns 1 when the model failed to load; raises
+    OSError (one line) at once when the address cannot be bound."""
     import uvicorn
 
     logging.basicConfig(
@@ -547,7 +550,21 @@ def serve(settings: Settings) -> int:
         # Later than our own drain timeout, which answers what is still open in JSON first.
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S,
     )
+    listener = listen_socket(settings.host, settings.port)  # a port in use fails here, before the model loads
     server = DrainingServer(config)
     app.state.on_load_error = lambda: setattr(server, "should_exit", True)
-    server.run()
+    server.run(sockets=[listener])
     return 1 if state.load_error is not None else 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (uvicorn listens on it); OSError in one line when it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock

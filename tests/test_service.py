@@ -451,7 +451,23 @@ def test_sigterm_drains_accepted_requests(start_server):
 def test_model_that_fails_to_load_ends_the_server(start_server, tmp_path):
     server = start_server("--model", str(tmp_path / "missing"), ready=False)
     assert server.proc.wait(120) == 1
-    assert "missing" in server.log()
+    failed = [line for line in server.log().splitlines() if "model failed to load" in line]
+    assert len(failed) == 1 and "missing" in failed[0]
+    assert "Traceback" not in server.log()  # the cause in one line; the traceback only at debug level
+
+
+def test_port_in_use_fails_at_once(start_server):
+    """The address is bound before anything else: a port in use ends `m2f serve` with one line and exit 2,
+    before the model starts loading (no "ready" line, no load)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = start_server("--port", str(port), ready=False)
+        assert server.proc.wait(120) == 2
+    log = server.log()
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "Traceback" not in log
+    assert "ready:" not in log and "Started server" not in log
 
 
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
