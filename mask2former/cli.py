@@ -60,7 +60,12 @@ def _predict(args: argparse.Namespace) -> int:
     from mask2former.processing import load_image
     from mask2former.visualize import draw_overlay
 
-    image = load_image(args.image)
+    try:
+        image = load_image(args.image)
+    except OSError as e:  # PIL.UnidentifiedImageError and truncated files are OSErrors; name the file
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{args.image}: cannot read it as an image ({type(e).__name__})") from None
     model = load_model(args.weights, device=args.device, labels=args.labels)
     if args.shortest_edge is not None:
         model.config = model.config.with_preprocess(shortest_edge=args.shortest_edge)

@@ -126,6 +126,7 @@ def test_predict_errors_are_clear(tmp_path, checkpoint, image_path, capsys):
     assert "missing.jpg" in capsys.readouterr().err
     (tmp_path / "notes.txt").write_text("not an image")
     assert main(["predict", str(tmp_path / "notes.txt"), "--weights", str(checkpoint)]) == 2
+    assert "notes.txt: cannot read it as an image" in capsys.readouterr().err  # the file by name, not a buffer object
     assert main(["predict", str(image_path), "--weights", str(tmp_path)]) == 2
     assert "config.json" in capsys.readouterr().err
 
