@@ -329,6 +329,21 @@ def preprocess_from_hf(p: dict[str, Any]) -> PreprocessConfig:
     )
 
 
+def preprocess_to_hf(p: PreprocessConfig) -> dict[str, Any]:
+    """The HF ``preprocessor_config.json`` dict of ``p`` (the inverse of :func:`preprocess_from_hf`)."""
+    return {
+        "image_processor_type": "Mask2FormerImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": p.shortest_edge, "longest_edge": p.longest_edge},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [m / 255 for m in p.mean],  # HF's 0..1 scale
+        "image_std": [s / 255 for s in p.std],
+        "size_divisor": p.size_divisor,
+    }
+
+
 def read_config(folder: str | Path) -> Mask2FormerConfig:
     """Read ``config.json`` (and ``preprocessor_config.json`` when present) from a checkpoint folder."""
     folder = Path(folder)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mask2former.config import Mask2FormerConfig, ResNetConfig, SwinConfig
+from mask2former.config import Mask2FormerConfig, ResNetConfig, SwinConfig, preprocess_to_hf
 from mask2former.label_sets import apply_labels, resolve_labels
 
 _PIX = "model.pixel_level_module."
@@ -115,8 +115,8 @@ _RULES: list[tuple[re.Pattern[str], Any]] = [
     ]
 ]  # fmt: skip
 
-# Keys that hold nothing we use: the loss's class weights, Swin's index buffers (recomputed from the window),
-# and the input normalization (every official config uses ImageNet's; see :func:`infer_config`).
+# Keys that hold no weights: the loss's class weights, Swin's index buffers (recomputed from the window), and
+# the input normalization some older files carry (:func:`infer_config` reads it into the preprocessing).
 _IGNORED = re.compile(r"^criterion\.empty_weight$|\.relative_position_index$|^pixel_(mean|std)$")
 
 
@@ -360,18 +360,7 @@ def write_hf_checkpoint(cfg: Mask2FormerConfig, hf_state: Mapping[str, torch.Ten
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_name_or_path": cfg.name, **cfg.to_hf_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    pre = cfg.preprocess
-    preprocessor = {
-        "image_processor_type": "Mask2FormerImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": pre.shortest_edge, "longest_edge": pre.longest_edge},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [m / 255 for m in pre.mean],
-        "image_std": [s / 255 for s in pre.std],
-        "size_divisor": pre.size_divisor,
-    }
+    preprocessor = preprocess_to_hf(cfg.preprocess)
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     save_file({k: v.contiguous() for k, v in hf_state.items()}, folder / "model.safetensors")
     return folder

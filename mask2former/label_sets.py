@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mask2former.config import Mask2FormerConfig
-from mask2former.labels import CITYSCAPES_THINGS, COCO_THINGS
+from mask2former.labels import CITYSCAPES_THINGS, COCO_THINGS, known_thing_ids
 
 
 @dataclass(frozen=True)
@@ -168,8 +168,7 @@ def read_labels_json(path: str | Path) -> LabelSet:
     if "thing_ids" in d:
         things = frozenset(int(i) for i in d["thing_ids"])
     else:
-        known = {n.lower() for n in (*COCO_THINGS, *CITYSCAPES_THINGS)}
-        things = frozenset(i for i, n in enumerate(labels) if n.strip().lower() in known)
+        things = known_thing_ids(dict(enumerate(labels)))
     edges = {k: int(d[k]) for k in ("shortest_edge", "longest_edge") if k in d}
     return LabelSet(path.stem, labels, things, **edges)
 

@@ -132,3 +132,40 @@ def compare(stage: str, ours: torch.Tensor, ref: torch.Tensor, rel_tol: float = 
     print(f"{stage:36s} max|diff| {diff:.2e}  max|ref| {scale:.2f}  rel {diff / scale:.1e}")
     assert diff <= rel_tol * scale, f"{stage}: max abs diff {diff:.3e} > {rel_tol} x max |ref| {scale:.3e}"
     return diff / scale
+
+
+def compare_pixel_stages(tag: str, ours: torch.nn.Module, x: torch.Tensor, ref_out: Any) -> None:
+    """Our backbone maps and pixel-decoder outputs against the reference's (``ref_out``: its output with
+    ``output_hidden_states``), each with :func:`compare`; the pixel decoder runs on the reference's maps."""
+    with torch.inference_mode():
+        for i, (a, b) in enumerate(zip(ours.backbone(x), ref_out.encoder_hidden_states, strict=True)):
+            compare(f"{tag} backbone stage {i + 1}", a, b)
+        mask_features, multi_scale = ours.pixel_decoder(list(ref_out.encoder_hidden_states))
+        compare(f"{tag} pixel decoder mask features", mask_features, ref_out.pixel_decoder_last_hidden_state)
+        for i, (a, b) in enumerate(zip(multi_scale, ref_out.pixel_decoder_hidden_states, strict=True)):
+            compare(f"{tag} pixel decoder level {i} (1/{32 >> i})", a, b)
+
+
+def compare_flip_free(tag: str, ours: torch.nn.Module, x: torch.Tensor, ref_out: Any) -> tuple[Any, list[float]]:
+    """Our whole model on ``x`` against the reference's output, step by step: each layer's level logits, its
+    attention mask (which must equal the reference's: inputs chosen so that no logit sits within rounding
+    of 0), and every prediction's class and mask logits. Returns our output (with ``aux``) and the attended
+    share of each layer's mask."""
+    from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
+
+    with torch.inference_mode():
+        out = ours(x, aux=True)
+        _, multi_scale = ours.pixel_decoder(ours.backbone(x))
+    steps = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in ref_out.auxiliary_logits]
+    steps.append((ref_out.class_queries_logits, ref_out.masks_queries_logits))
+    shares = []
+    for i in range(ours.config.decoder_layers):
+        size = multi_scale[i % 3].shape[-2:]
+        compare(f"{tag} step {i} level logits", out.attention_logits[i], level_mask_logits(steps[i][1], size))
+        mask = attention_mask_at_level(out.attention_logits[i])
+        assert torch.equal(mask, attention_mask(steps[i][1], size)), f"{tag} layer {i}: attention mask flipped"
+        shares.append(mask.float().mean().item())
+    for i, pred in enumerate((*out.aux, out)):
+        compare(f"{tag} step {i} class logits", pred.class_logits, steps[i][0])
+        compare(f"{tag} step {i} mask logits", pred.mask_logits, steps[i][1])
+    return out, shares

@@ -46,7 +46,6 @@ from mask2former.config import Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
 from mask2former.transformer_decoder import attention_mask_at_level
 from model_export import int8
-from model_export.int8 import quantize_dynamic_int8
 from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata, file_sha256, write_metadata
 
 DEFAULT_OPSET = 20  # torch 2.13's default; GridSample needs >= 16, the torch.export-based exporter >= 18
@@ -529,7 +528,7 @@ def export_onnx(
         _save(proto, output)
     if quantize:
         with steps("quantize MatMul weights to int8 (per channel; activations at run time)"):
-            proto = quantize_dynamic_int8(output)
+            proto = int8.quantize_dynamic_int8(output)
             write_metadata(proto, meta)
             _save(proto, output)
 

@@ -98,15 +98,15 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def int8_weights_to_run(stored: str, kernel: str, providers: list[str]) -> str:
+def int8_weights_to_run(stored: str, kernel: str | None, providers: list[str]) -> str:
     """The element type to run an int8 graph's MatMul weights as ("" for a graph without them), given how
     the file stores them (ExportMetadata.int8_weights) and this CPU's int8 kernel (:func:`cpu_int8_kernel`).
 
     On the CPU provider of an x86 CPU: int8 where it has VNNI (exact there, and faster than uint8:
-    bench/int8_weights.py); uint8 where it has not or we cannot tell (ONNX Runtime's u8 x s8 kernel saturates
-    without VNNI, u8 x u8 is exact; model_export.int8), which also rescues files exported with int8 weights
-    before they were stored as uint8. Other CPUs and providers: as stored. Converting is exact: the integer
-    products do not change."""
+    bench/int8_weights.py); uint8 where it has not (ONNX Runtime's u8 x s8 kernel saturates without VNNI,
+    u8 x u8 is exact; model_export.int8), which also rescues files exported with int8 weights before they
+    were stored as uint8. Other CPUs and providers: as stored. Converting is exact: the integer products do
+    not change."""
     if not stored or providers != ["CPUExecutionProvider"] or kernel == "exact":
         return stored
     return "int8" if kernel == "vnni" else "uint8"
@@ -144,8 +144,9 @@ class OnnxRunner:
         self.cache_hit = False
         self.metadata = read_metadata(self.path)
         self.config: Mask2FormerConfig = self.metadata.to_config()
-        self.int8_kernel = cpu_int8_kernel()
         # int8 graphs: which weight type runs fastest exactly on this CPU (the file's, or converted at load).
+        # The kernel probe (a one-op session) only runs for them.
+        self.int8_kernel = cpu_int8_kernel() if self.metadata.int8_weights else None
         self.int8_weights = int8_weights_to_run(self.metadata.int8_weights, self.int8_kernel, self.providers)
         if int8_weights is not None:
             if not self.metadata.int8_weights or int8_weights not in WEIGHT_DTYPES:
@@ -255,7 +256,7 @@ class OnnxRunner:
             "source_sha256": self.metadata.source_sha256,
             "quantization": self.metadata.quantization or None,
             "int8_weights": self.int8_weights or None,  # as run: see int8_weights_to_run
-            "cpu_int8_kernel": self.int8_kernel,
+            "cpu_int8_kernel": self.int8_kernel,  # int8 graphs only
             "input": {"name": self.input.name, "shape": list(self.input.shape), "dtype": str(self.input.dtype)},
             "threads": self.threads,
             "providers": self.session.get_providers(),

@@ -29,9 +29,8 @@ from mask2former.detectron2 import (
     read_detectron2_file,
 )
 from mask2former.label_sets import LABEL_SETS, read_labels_json
-from mask2former.reference import TINY, TINY_R50, compare, hf_model
+from mask2former.reference import TINY, TINY_R50, compare_flip_free, compare_pixel_stages, hf_model
 from mask2former.swin import relative_position_index
-from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 from mask2former.weights import CheckpointMismatch, match_hf_key
 
 pytest.importorskip("transformers")
@@ -238,31 +237,12 @@ def test_architecture_from_the_tensors(loaded):
 
 def test_stage_by_stage_parity(parity):
     name, _, _, _, x, r, path, ours = parity
-    tag = f"{name} {path.name}"
-    with torch.inference_mode():
-        for i, (a, b) in enumerate(zip(ours.backbone(x), r.encoder_hidden_states, strict=True)):
-            compare(f"{tag} backbone {i}", a, b)
-        mask_features, multi_scale = ours.pixel_decoder(list(r.encoder_hidden_states))
-        compare(f"{tag} mask features", mask_features, r.pixel_decoder_last_hidden_state)
-        for i, (a, b) in enumerate(zip(multi_scale, r.pixel_decoder_hidden_states, strict=True)):
-            compare(f"{tag} pixel decoder level {i}", a, b)
+    compare_pixel_stages(f"{name} {path.name}", ours, x, r)
 
 
 def test_end_to_end_parity(parity):
     name, _, _, _, x, r, path, ours = parity
-    with torch.inference_mode():
-        out = ours(x, aux=True)
-        _, multi_scale = ours.pixel_decoder(ours.backbone(x))
-    steps = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in r.auxiliary_logits]
-    steps.append((r.class_queries_logits, r.masks_queries_logits))
-    for i in range(ours.config.decoder_layers):
-        size = multi_scale[i % 3].shape[-2:]
-        compare(f"{name} step {i} level logits", out.attention_logits[i], level_mask_logits(steps[i][1], size))
-        mask = attention_mask_at_level(out.attention_logits[i])
-        assert torch.equal(mask, attention_mask(steps[i][1], size)), f"layer {i}: attention mask flipped"
-    for i, pred in enumerate((*out.aux, out)):
-        compare(f"{name} step {i} class logits", pred.class_logits, steps[i][0])
-        compare(f"{name} step {i} mask logits", pred.mask_logits, steps[i][1])
+    compare_flip_free(name, ours, x, r)
 
 
 def test_every_d2_key_has_a_rule(arch):

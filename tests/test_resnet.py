@@ -18,9 +18,16 @@ import torch
 from mask2former import ResNetConfig, load_model, read_config
 from mask2former.config import RESNET_DEPTHS, Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
-from mask2former.reference import TINY_R50, TINY_R101, architecture, compare, hf_model
+from mask2former.reference import (
+    TINY_R50,
+    TINY_R101,
+    architecture,
+    compare,
+    compare_flip_free,
+    compare_pixel_stages,
+    hf_model,
+)
 from mask2former.resnet import FrozenBatchNorm2d, ResNetBackbone, fold_batch_norm
-from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 from mask2former.weights import CheckpointMismatch, convert_hf_state_dict, read_hf_state_dict, to_hf_state_dict
 
 pytest.importorskip("transformers")
@@ -74,35 +81,17 @@ def test_stage_by_stage_parity(case):
     name, ref, _, ours, x, r = case
     with torch.inference_mode():
         features = ours.backbone(x)
-        for i, (a, b) in enumerate(zip(features, r.encoder_hidden_states, strict=True)):
-            assert a.shape[-2:] == (-(-SIZE[0] // 2 ** (i + 2)), -(-SIZE[1] // 2 ** (i + 2)))
-            compare(f"{name} backbone res{i + 2}", a, b)
-        mask_features, multi_scale = ours.pixel_decoder(list(r.encoder_hidden_states))
-        compare(f"{name} pixel decoder mask features", mask_features, r.pixel_decoder_last_hidden_state)
-        for i, (a, b) in enumerate(zip(multi_scale, r.pixel_decoder_hidden_states, strict=True)):
-            compare(f"{name} pixel decoder level {i} (1/{32 >> i})", a, b)
+    for i, a in enumerate(features):
+        assert a.shape[-2:] == (-(-SIZE[0] // 2 ** (i + 2)), -(-SIZE[1] // 2 ** (i + 2)))
+    compare_pixel_stages(name, ours, x, r)
 
 
 def test_end_to_end_parity(case):
     name, _, _, ours, x, r = case
-    with torch.inference_mode():
-        out = ours(x, aux=True)
-        _, multi_scale = ours.pixel_decoder(ours.backbone(x))
-    ref_steps = [(a["class_queries_logits"], a["masks_queries_logits"]) for a in r.auxiliary_logits]
-    ref_steps.append((r.class_queries_logits, r.masks_queries_logits))
-    shares = []
-    for i in range(ours.config.decoder_layers):
-        size = multi_scale[i % 3].shape[-2:]
-        compare(f"{name} step {i} level logits", out.attention_logits[i], level_mask_logits(ref_steps[i][1], size))
-        mask = attention_mask_at_level(out.attention_logits[i])
-        # The inputs are chosen so that no attention-mask entry sits within rounding of 0 (no "flip", see
-        # tests/test_model_parity.py): then the whole model is compared.
-        assert torch.equal(mask, attention_mask(ref_steps[i][1], size)), f"layer {i}: attention mask flipped"
-        shares.append(mask.float().mean().item())
+    # The inputs are chosen so that no attention-mask entry sits within rounding of 0 (no "flip", see
+    # tests/test_model_parity.py): then the whole model is compared.
+    out, shares = compare_flip_free(name, ours, x, r)
     assert any(0.05 < s < 0.95 for s in shares), f"attended shares per layer {shares}: masking not exercised"
-    for i, pred in enumerate((*out.aux, out)):
-        compare(f"{name} step {i} class logits", pred.class_logits, ref_steps[i][0])
-        compare(f"{name} step {i} mask logits", pred.mask_logits, ref_steps[i][1])
     assert out.mask_logits.shape == (2, ours.config.num_queries, 50, 42)
 
 

@@ -31,7 +31,13 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former import synth  # noqa: E402
-from mask2former.config import POSTPROCESS_KEYS, Mask2FormerConfig, PreprocessConfig, SwinConfig  # noqa: E402
+from mask2former.config import (  # noqa: E402
+    POSTPROCESS_KEYS,
+    Mask2FormerConfig,
+    PreprocessConfig,
+    SwinConfig,
+    preprocess_to_hf,
+)
 from mask2former.mask2former import Mask2Former  # noqa: E402
 from mask2former.pixel_decoder import MSDeformAttn  # noqa: E402
 from mask2former.processing import preprocess  # noqa: E402
@@ -124,14 +130,7 @@ def save_checkpoint(model: Mask2Former, out: Path, info: dict) -> None:
     config |= {k: getattr(cfg, k) for k in POSTPROCESS_KEYS}
     config["_name_or_path"] = cfg.name
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    p = cfg.preprocess
-    preprocessor = {
-        "size": {"shortest_edge": p.shortest_edge, "longest_edge": p.longest_edge},
-        "image_mean": [m / 255 for m in p.mean],
-        "image_std": [s / 255 for s in p.std],
-        "do_rescale": True,
-        "size_divisor": p.size_divisor,
-    }
+    preprocessor = preprocess_to_hf(cfg.preprocess)
     (out / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     reloaded = load_model(out)
