@@ -7,20 +7,29 @@ them against the torch module: resized logits agree to 1e-5 and every decision a
 where a value lies within float rounding of its threshold.
 
 The two bilinear resizes (x4 to the padded size, crop, to the original size) are linear along each
-axis, so they compose into one (H, h) and one (W, w) matrix per image; the resize is then two matrix
-products (BLAS, multi-threaded). This module imports only numpy and the standard library.
+axis, so they compose into one (H, h) and one (W, w) matrix per image; the resize is then two banded
+matrix products (BLAS, multi-threaded). The tasks resize only the queries that can take part, one column
+strip at a time (:class:`Resize`): peak memory is O(H x W) for the maps plus ``STRIP_BYTES`` for the
+logits, never (queries, H, W). Instance masks come out as COCO RLE built strip by strip
+(:mod:`mask2former.rle`). This module imports numpy, pycocotools (through ``rle``) and the standard library.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from mask2former import rle
+
 TASKS = ("panoptic", "instance", "semantic")
 MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_stride the config allows)
 _SEMANTIC_CHUNK = 1 << 15  # pixels per (pixels, Q) @ (Q, K) product in semantic_segmentation (17 MB at K = 133)
+# Post-processing holds the full-size logits of all queries one column strip at a time: (N, H, S) float32
+# of at most this many bytes (S >= 1), so its peak memory grows with H x W, not with N x H x W.
+STRIP_BYTES = 32 << 20
+_ROW_BLOCK = 64  # output rows per product in Resize.strips: each block reads only its band of input rows
 _LOGIT_CLIP = 1e4  # non-finite mask logits are clipped to this: in a matrix product an inf spreads NaN (0 * inf)
 
 Size = tuple[int, int]
@@ -85,35 +94,78 @@ def _resize_matrix(padded_in: int, resized: int, original: int) -> np.ndarray:
     return out.astype(np.float32).reshape(len(rows), n)
 
 
+def _bands(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows,) first and (rows,) one-past-last column with a non-zero weight, per row of a resize matrix."""
+    nz = a != 0
+    first = nz.argmax(1)
+    last = a.shape[1] - nz[:, ::-1].argmax(1)
+    return first, last
+
+
+class Resize:
+    """The x4 + crop + resize of one image's mask logits, evaluated column strip by column strip.
+
+    Each axis is one precomputed (H, h') or (W, w') matrix (see :func:`_resize_matrix`); each output pixel
+    reads at most 4 inputs per axis, so the products take only the band of inputs a strip or a block of
+    rows needs. Peak memory is one strip, not (N, H, W): a strip of S columns is (N, H, S) float32.
+    """
+
+    def __init__(self, logit_size: Size, resized_size: Size, original_size: Size):
+        h, w = logit_size
+        (rh, rw), (self.height, self.width) = check_sizes((h, w), resized_size, original_size)
+        self.ah = _resize_matrix(h, rh, self.height)  # (H, hc)
+        self.aw = _resize_matrix(w, rw, self.width)  # (W, wc)
+        self.h_first, self.h_last = _bands(self.ah)
+        self.w_first, self.w_last = _bands(self.aw)
+
+    def strip_width(self, planes: int, max_bytes: float) -> int:
+        """Columns per strip so that (planes, H, S) float32 fits in ``max_bytes`` (at least 1)."""
+        return int(max(1, min(self.width, max_bytes // max(planes * self.height * 4, 1))))
+
+    def strips(self, mask_logits: np.ndarray, max_bytes: float = float("inf")) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(N, h, w) mask logits -> (c0, c1, (N, H, c1 - c0) float32 logits) for consecutive column strips."""
+        hc, wc = self.ah.shape[1], self.aw.shape[1]
+        x = np.asarray(mask_logits)[:, :hc, :wc]  # (N, hc, wc)
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)  # NaN -> 0 (torch: NaN)
+        n, height = x.shape[0], self.height
+        step = self.strip_width(n, max_bytes)
+        for c0 in range(0, self.width, step):
+            c1 = min(c0 + step, self.width)
+            lo, hi = int(self.w_first[c0:c1].min()), int(self.w_last[c0:c1].max())
+            t = np.matmul(x[:, :, lo:hi], self.aw[c0:c1, lo:hi].T)  # (N, hc, S)
+            out = np.empty((n, height, c1 - c0), dtype=np.float32)  # (N, H, S)
+            for r0 in range(0, height, _ROW_BLOCK):
+                r1 = min(r0 + _ROW_BLOCK, height)
+                a0, a1 = int(self.h_first[r0:r1].min()), int(self.h_last[r0:r1].max())
+                out[:, r0:r1] = np.matmul(self.ah[r0:r1, a0:a1], t[:, a0:a1])  # (N, B, S)
+            yield c0, c1, out
+
+
+def logit_strips(
+    mask_logits: np.ndarray, resized_size: Size, original_size: Size, max_bytes: float | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """One image's (N, h, w) logits -> (c0, c1, (N, H, S) logits at the original size) per column strip
+    of at most ``max_bytes`` (default: ``STRIP_BYTES``)."""
+    x = np.asarray(mask_logits)
+    return Resize(x.shape[-2:], resized_size, original_size).strips(x, STRIP_BYTES if max_bytes is None else max_bytes)
+
+
 def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: Size) -> np.ndarray:
     """Mask logits of one image (N, h, w) at stride 4 -> logits (N, H, W) at the original image size.
 
     Bilinear (align_corners=False) to the padded input size (4h, 4w), crop to ``resized_size``, bilinear
-    to ``original_size``, as :func:`mask2former.postprocess.masks_to_image` (to float rounding). Each
-    axis is one precomputed (H, h') or (W, w') matrix, where h', w' are the input rows/columns the crop
-    needs. The result is a new float32 array (callers may modify it in place).
+    to ``original_size``, as :func:`mask2former.postprocess.masks_to_image` (to float rounding), in one
+    strip (see :class:`Resize`). The result is a new float32 array (callers may modify it in place).
     """
     x = np.asarray(mask_logits)
-    n, h, w = x.shape
-    (rh, rw), (oh, ow) = check_sizes((h, w), resized_size, original_size)
-    if n == 0:
+    (_, _), (oh, ow) = check_sizes(x.shape[-2:], resized_size, original_size)
+    if x.shape[0] == 0:
         return np.zeros((0, oh, ow), dtype=np.float32)
-    ah = _resize_matrix(h, rh, oh)  # (H, hc)
-    aw = _resize_matrix(w, rw, ow)  # (W, wc)
-    hc, wc = ah.shape[1], aw.shape[1]
-    x = x[:, :hc, :wc]  # (N, hc, wc)
-    if x.dtype != np.float32:
-        x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)  # NaN -> 0 (torch: NaN)
-    # Rows first or columns first: the second product is one large GEMM over all N; columns first
-    # needs a contiguous copy of the (small) input, so it goes first only when it multiplies clearly less.
-    if hc * ow * (wc + oh) < 0.85 * oh * wc * (hc + ow):
-        x = np.ascontiguousarray(x).reshape(n * hc, wc)
-        t = np.matmul(x, aw.T).reshape(n, hc, ow)  # (N, hc, W)
-        return np.matmul(ah, t)  # (N, H, W)
-    t = np.matmul(ah, x)  # (N, H, wc)
-    return np.matmul(t.reshape(n * oh, wc), aw.T).reshape(n, oh, ow)  # (N, H, W)
+    ((_, _, out),) = Resize(x.shape[-2:], resized_size, original_size).strips(x)
+    return out
 
 
 def check_sizes(logit_size: Size, resized_size: Size, original_size: Size) -> tuple[Size, Size]:
@@ -191,27 +243,45 @@ def semantic_segmentation(
     out = []
     for i in range(class_logits.shape[0]):
         cls = _softmax(class_logits[i])[:, :-1]  # (Q, K)
-        probs = _sigmoid_(masks_to_image(mask_logits[i], resized_sizes[i], original_sizes[i]))  # (Q, H, W)
-        q, h, w = probs.shape
-        flat = probs.reshape(q, h * w)  # (Q, H*W)
-        labels = np.empty(h * w, dtype=np.int64)
-        for start in range(0, h * w, _SEMANTIC_CHUNK):  # bounds the (pixels, K) product
-            stop = min(start + _SEMANTIC_CHUNK, h * w)
-            labels[start:stop] = (flat[:, start:stop].T @ cls).argmax(1)  # (n, K) -> (n,), first on ties
-        out.append(labels.reshape(h, w))
+        oh, ow = int(original_sizes[i][0]), int(original_sizes[i][1])
+        labels = np.empty((oh, ow), dtype=np.int64)  # (H, W)
+        for c0, c1, probs in logit_strips(mask_logits[i], resized_sizes[i], original_sizes[i]):
+            _sigmoid_(probs)  # (Q, H, S)
+            q, h, s = probs.shape
+            flat = probs.reshape(q, h * s)  # (Q, H*S)
+            strip = np.empty(h * s, dtype=np.int64)
+            for start in range(0, h * s, _SEMANTIC_CHUNK):  # bounds the (pixels, K) product
+                stop = min(start + _SEMANTIC_CHUNK, h * s)
+                strip[start:stop] = (flat[:, start:stop].T @ cls).argmax(1)  # (n, K) -> (n,), first on ties
+            labels[:, c0:c1] = strip.reshape(h, s)
+        out.append(labels)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- instance
-def instance_segmentation(
+class InstanceRLEs(NamedTuple):
+    """Instances with their masks as COCO RLE (what the service answers); ``masks`` decodes them."""
+
+    rles: list[dict[str, Any]]  # N COCO RLEs {"size": [H, W], "counts": str}
+    labels: Any  # (N,) int64 array
+    scores: Any  # (N,) float32 array, descending
+    size: Size  # (H, W)
+
+    @property
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool, decoded from the RLEs (the dense form: N x H x W bytes)."""
+        return rle.decode(self.rles, self.size)
+
+
+def instance_rles(
     class_logits: np.ndarray,
     mask_logits: np.ndarray,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
     threshold: float = 0.0,
     max_instances: int = 100,
-) -> list[InstanceResult]:
-    """Instances: the top ``max_instances`` (query, class) pairs, scored and thresholded.
+) -> list[InstanceRLEs]:
+    """Instances: the top ``max_instances`` (query, class) pairs, scored and thresholded; masks as COCO RLE.
 
     A pair's mask is its query's logit > 0 at the original size; its score is the class probability
     (softmax without "no object") times the mean sigmoid inside the mask (0 for an empty mask). Pairs
@@ -220,8 +290,9 @@ def instance_segmentation(
     (top-k) and equal scores (the final order) keep the lower query*K + class index first (stable sorts;
     torch's topk leaves the order of ties unspecified).
 
-    Returns:
-        One :class:`InstanceResult` per image: masks (N, H, W) bool, labels (N,) int64, scores (N,) float32.
+    Only the queries of pairs that can pass are resized (the mean sigmoid is at most 1, so a pair whose
+    class probability is <= ``threshold`` cannot), one column strip at a time, and their masks are
+    run-length encoded strip by strip: no (N, H, W) array is made.
     """
     class_logits, mask_logits = _as_float_array(class_logits), _as_float_array(mask_logits)
     check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
@@ -231,29 +302,84 @@ def instance_segmentation(
     for i in range(class_logits.shape[0]):
         class_probs = _softmax(class_logits[i])[:, :-1].reshape(-1)  # (Q*K,)
         flat_idx = np.argsort(-class_probs, kind="stable")[:k]  # (k,), by class probability, descending
+        flat_idx = flat_idx[class_probs[flat_idx] > threshold]  # (k',) the pairs that can pass
         class_scores = class_probs[flat_idx]
         queries = flat_idx // num_classes
         labels = flat_idx % num_classes
-        # The mask score depends on the query only: upsample each selected query once.
-        uniq, inverse = np.unique(queries, return_inverse=True)  # (U,), (k,)
-        logits = masks_to_image(mask_logits[i, uniq], resized_sizes[i], original_sizes[i])  # (U, H, W)
-        u, h, w = logits.shape
-        fg = logits > 0  # (U, H, W)
-        fg_area = np.count_nonzero(fg.reshape(u, h * w), axis=1)  # (U,)
-        probs = _sigmoid_(logits)  # (U, H, W), in place
-        probs *= fg
-        inside = probs.reshape(u, h * w).sum(1)  # (U,)
-        del logits, probs  # free (U, H, W) float32 before the masks are gathered
-        mask_scores = inside / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
-        scores = class_scores * mask_scores[inverse]  # (k,) float32
+        # The mask score depends on the query only: resize each selected query once.
+        uniq, inverse = np.unique(queries, return_inverse=True)  # (U,), (k',)
+        oh, ow = int(original_sizes[i][0]), int(original_sizes[i][1])
+        runs = rle.StripRuns(len(uniq), oh, ow)
+        fg_area = np.zeros(len(uniq), dtype=np.int64)  # (U,)
+        inside = np.zeros(len(uniq), dtype=np.float64)  # (U,) sum of sigmoid over the mask
+        if len(uniq):
+            for _, _, logits in logit_strips(mask_logits[i, uniq], resized_sizes[i], original_sizes[i]):
+                u, h, s = logits.shape  # (U, H, S)
+                fg = logits > 0
+                runs.add(fg)
+                fg_area += np.count_nonzero(fg.reshape(u, h * s), axis=1)
+                probs = _sigmoid_(logits)  # in place
+                probs *= fg
+                inside += probs.reshape(u, h * s).sum(1, dtype=np.float64)
+        else:
+            runs = rle.StripRuns(0, oh, ow)
+            runs.add(np.zeros((0, oh, ow), dtype=bool))
+        rles = runs.rles()  # (U,)
+        mask_scores = inside.astype(np.float32) / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
+        scores = class_scores * mask_scores[inverse]  # (k',) float32
         keep = np.flatnonzero(scores > threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
-        masks = fg[inverse[keep]]  # (N, H, W)
-        out.append(InstanceResult(masks, labels[keep].astype(np.int64), scores[keep].astype(np.float32)))
+        out.append(
+            InstanceRLEs(
+                [rles[j] for j in inverse[keep].tolist()],
+                labels[keep].astype(np.int64),
+                scores[keep].astype(np.float32),
+                (oh, ow),
+            )
+        )
     return out
 
 
+def instance_segmentation(
+    class_logits: np.ndarray,
+    mask_logits: np.ndarray,
+    resized_sizes: Sequence[Size],
+    original_sizes: Sequence[Size],
+    threshold: float = 0.0,
+    max_instances: int = 100,
+) -> list[InstanceResult]:
+    """:func:`instance_rles` with the masks decoded: one :class:`InstanceResult` per image, masks (N, H, W)
+    bool, labels (N,) int64, scores (N,) float32."""
+    results = instance_rles(class_logits, mask_logits, resized_sizes, original_sizes, threshold, max_instances)
+    return [InstanceResult(r.masks, r.labels, r.scores) for r in results]
+
+
 # ---------------------------------------------------------------------------------------------- panoptic
+def _panoptic_strip(
+    probs: np.ndarray, scores: np.ndarray, mask_threshold: float, own_area: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One strip's decision: (M, H, S) sigmoids -> (H, S) int32 winner and (H, S) bool "in its segment".
+
+    Argmax over queries of score * prob, one (H, S) plane at a time (no (M, H, S) temporary); adds each
+    query's own area (prob >= ``mask_threshold``) in the strip to ``own_area`` (M,).
+    """
+    m = probs.shape[0]
+    winner = np.zeros(probs.shape[1:], dtype=np.int32)  # (H, S)
+    best = probs[0] * scores[0]  # (H, S)
+    winner_prob = probs[0].copy()  # (H, S)
+    weighted = np.empty_like(best)  # (H, S)
+    better = np.empty(best.shape, dtype=bool)  # (H, S)
+    own_area[0] += np.count_nonzero(probs[0] >= mask_threshold)
+    for j in range(1, m):
+        np.multiply(probs[j], scores[j], out=weighted)
+        np.greater(weighted, best, out=better)  # strict: the first query wins ties
+        np.copyto(winner, j, where=better)
+        np.copyto(winner_prob, probs[j], where=better)
+        np.copyto(best, weighted, where=better)
+        own_area[j] += np.count_nonzero(probs[j] >= mask_threshold)
+    return winner, winner_prob >= mask_threshold
+
+
 def panoptic_segmentation(
     class_logits: np.ndarray,
     mask_logits: np.ndarray,
@@ -272,6 +398,7 @@ def panoptic_segmentation(
     when that segment is empty, when its own mask (sigmoid >= ``mask_threshold``) is empty, or when won
     area / own area < ``overlap_mask_area_threshold``. Stuff queries (label not in ``thing_ids``) of the
     same label merge into one segment whose score is their highest. Segment ids follow query order.
+    Only the taking-part queries are resized, one column strip at a time (full-size memory: the maps).
 
     Returns:
         One :class:`PanopticResult` per image: the (H, W) int32 id map and the segments.
@@ -291,23 +418,11 @@ def panoptic_segmentation(
             continue
         scores, labels = scores[kept], labels[kept]
         m = kept.size
-        probs = _sigmoid_(masks_to_image(mask_logits[i, kept], resized_sizes[i], original_sizes[i]))  # (M, H, W)
-        # Argmax over queries of score * prob, one (H, W) plane at a time: no (M, H, W) temporary.
-        winner = np.zeros((oh, ow), dtype=np.int64)  # (H, W)
-        best = probs[0] * scores[0]  # (H, W)
-        winner_prob = probs[0].copy()  # (H, W)
-        weighted = np.empty_like(best)  # (H, W)
-        better = np.empty((oh, ow), dtype=bool)  # (H, W)
-        own_area = np.empty(m, dtype=np.int64)  # (M,)
-        own_area[0] = np.count_nonzero(probs[0] >= mask_threshold)
-        for j in range(1, m):
-            np.multiply(probs[j], scores[j], out=weighted)
-            np.greater(weighted, best, out=better)  # strict: the first query wins ties
-            np.copyto(winner, j, where=better)
-            np.copyto(winner_prob, probs[j], where=better)
-            np.copyto(best, weighted, where=better)
-            own_area[j] = np.count_nonzero(probs[j] >= mask_threshold)
-        on = winner_prob >= mask_threshold  # (H, W): the pixel is in its winner's segment
+        winner = np.empty((oh, ow), dtype=np.int32)  # (H, W) index into kept
+        on = np.empty((oh, ow), dtype=bool)  # (H, W): the pixel is in its winner's segment
+        own_area = np.zeros(m, dtype=np.int64)  # (M,)
+        for c0, c1, logits in logit_strips(mask_logits[i, kept], resized_sizes[i], original_sizes[i]):
+            winner[:, c0:c1], on[:, c0:c1] = _panoptic_strip(_sigmoid_(logits), scores, mask_threshold, own_area)
         won_area = np.bincount(winner.reshape(-1), minlength=m)  # (M,)
         seg_area = np.bincount(winner[on], minlength=m)  # (M,)
         ratio = won_area / np.maximum(own_area, 1)  # float64
@@ -332,7 +447,8 @@ def panoptic_segmentation(
                 if not isthing:
                     stuff_id[label] = sid
             query_to_id[j] = sid
-        segmentation = np.where(on, query_to_id[winner], np.int32(0))  # (H, W) int32
+        segmentation = query_to_id[winner]  # (H, W) int32
+        segmentation[~on] = 0
         n = len(segment_label)
         areas = np.bincount(segmentation.reshape(-1), minlength=n + 1).tolist()
         segments = [

@@ -1,6 +1,7 @@
 """Segmentation results -> COCO-style JSON: RLE masks (pycocotools), boxes [x, y, w, h], areas.
 
-Works on numpy arrays only, so the ONNX Runtime path can use it without torch.
+Works on numpy arrays only, so the ONNX Runtime path can use it without torch. Panoptic and semantic
+RLEs come from one pass over the id map; instance RLEs arrive built (``postprocess_numpy.instance_rles``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_util
+
+from mask2former.rle import id_map_rles
 
 
 def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -21,18 +24,21 @@ def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
     return rles
 
 
-def segment_records(
-    masks: np.ndarray,
+def records(
+    rles: list[dict[str, Any]],
     label_ids: list[int],
     scores: list[float],
     id2label: dict[int, str],
     thing_ids: frozenset[int] | set[int],
     ids: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One JSON record per mask: id, category_id, label, isthing, score, area, bbox, segmentation."""
-    rles = encode_masks(masks)
-    boxes = mask_util.toBbox(rles).tolist() if rles else []
-    areas = mask_util.area(rles).tolist() if rles else []
+    """One JSON record per RLE: id, category_id, label, isthing, score, area, bbox, segmentation.
+
+    Area and box come from the RLE (pycocotools), not from a dense mask.
+    """
+    coded = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+    boxes = mask_util.toBbox(coded).tolist() if coded else []
+    areas = mask_util.area(coded).tolist() if coded else []
     ids = ids if ids is not None else list(range(1, len(rles) + 1))
     return [
         {
@@ -49,6 +55,18 @@ def segment_records(
     ]
 
 
+def segment_records(
+    masks: np.ndarray,
+    label_ids: list[int],
+    scores: list[float],
+    id2label: dict[int, str],
+    thing_ids: frozenset[int] | set[int],
+    ids: list[int] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`records` of (N, H, W) bool masks."""
+    return records(encode_masks(masks), label_ids, scores, id2label, thing_ids, ids)
+
+
 def panoptic_png(segmentation: np.ndarray) -> np.ndarray:
     """(H, W) segment ids -> (H, W, 3) uint8 COCO panoptic PNG colours (id = R + 256 G + 256^2 B)."""
     ids = segmentation.astype(np.uint32)
@@ -58,23 +76,26 @@ def panoptic_png(segmentation: np.ndarray) -> np.ndarray:
 def panoptic_records(
     segmentation: np.ndarray, segments: list, id2label: dict[int, str], thing_ids: frozenset[int] | set[int]
 ) -> list[dict[str, Any]]:
-    """Records of a panoptic result: (H, W) id map (0 = void) and its segments (``id``, ``label_id``, ``score``)."""
-    masks = np.stack([segmentation == s.id for s in segments]) if segments else np.zeros((0, *segmentation.shape), bool)
-    return segment_records(
-        masks,
+    """Records of a panoptic result: (H, W) id map (0 = void) and its segments (``id``, ``label_id``, ``score``).
+
+    The RLEs of all segments come from one pass over the id map (:func:`mask2former.rle.id_map_rles`).
+    """
+    ids = [s.id for s in segments]
+    return records(
+        id_map_rles(segmentation, ids),
         [s.label_id for s in segments],
         [s.score for s in segments],
         id2label,
         thing_ids,
-        [s.id for s in segments],
+        ids,
     )
 
 
 def instance_records(
-    masks: np.ndarray, labels: np.ndarray, scores: np.ndarray, id2label: dict[int, str], thing_ids
+    rles: list[dict[str, Any]], labels: np.ndarray, scores: np.ndarray, id2label: dict[int, str], thing_ids
 ) -> list[dict[str, Any]]:
-    """Records of an instance result: masks (N, H, W) bool with their labels and scores."""
-    return segment_records(masks, labels.tolist(), scores.tolist(), id2label, thing_ids)
+    """Records of an instance result: its masks' COCO RLEs with their labels and scores."""
+    return records(rles, labels.tolist(), scores.tolist(), id2label, thing_ids)
 
 
 def semantic_records(label_map: np.ndarray, id2label: dict[int, str], thing_ids) -> list[dict[str, Any]]:
@@ -82,9 +103,8 @@ def semantic_records(label_map: np.ndarray, id2label: dict[int, str], thing_ids)
 
     A semantic map carries no per-segment confidence, so ``score`` is null.
     """
-    present = np.unique(label_map).tolist()
-    masks = np.stack([label_map == c for c in present]) if present else np.zeros((0, *label_map.shape), bool)
-    records = segment_records(masks, present, [0.0] * len(present), id2label, thing_ids, present)
-    for r in records:
+    present = np.flatnonzero(np.bincount(label_map.reshape(-1), minlength=1)).tolist()  # class ids >= 0
+    out = records(id_map_rles(label_map, present), present, [0.0] * len(present), id2label, thing_ids, present)
+    for r in out:
         r["score"] = None
-    return records
+    return out

@@ -77,7 +77,7 @@ def postprocess(
     overlap_mask_area_threshold: float | None = None,
     max_instances: int = 100,
 ) -> list[Any]:
-    """Batch logits -> one result per image: a label map (semantic), an InstanceResult or a PanopticResult.
+    """Batch logits -> one result per image: a label map (semantic), an InstanceRLEs or a PanopticResult.
 
     ``threshold`` and ``overlap_mask_area_threshold`` default to the checkpoint's values (instance: 0).
     """
@@ -95,9 +95,7 @@ def postprocess(
             ),
         )
     if task == "instance":
-        return post.instance_segmentation(
-            *args, threshold=0.0 if threshold is None else threshold, max_instances=max_instances
-        )
+        return post.instance_rles(*args, threshold=0.0 if threshold is None else threshold, max_instances=max_instances)
     if task == "semantic":
         return post.semantic_segmentation(*args)
     raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -145,7 +143,7 @@ def segments(task: str, config: Mask2FormerConfig, result: Any) -> list[dict[str
     if task == "panoptic":
         return encoding.panoptic_records(result.segmentation, result.segments, config.id2label, config.thing_ids)
     if task == "instance":
-        return encoding.instance_records(result.masks, result.labels, result.scores, config.id2label, config.thing_ids)
+        return encoding.instance_records(result.rles, result.labels, result.scores, config.id2label, config.thing_ids)
     return encoding.semantic_records(result, config.id2label, config.thing_ids)
 
 

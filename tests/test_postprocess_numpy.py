@@ -234,14 +234,27 @@ def compare_panoptic(cl, ml, resized, original, thing_ids, counter: Counter[str]
 
 
 # ---------------------------------------------------------------------------------------------- tasks
+# Each task runs with the default strips (one strip for these sizes) and with strips of a few columns
+# (STRIP_BYTES of 1 byte: one column each; 4096: a few), so the strip boundaries are crossed everywhere.
+STRIPS = [None, 1, 4096]
+STRIP_IDS = ["strips-default", "strips-1col", "strips-4k"]
+
+
+@pytest.fixture(params=STRIPS, ids=STRIP_IDS)
+def strips(request, monkeypatch):
+    if request.param is not None:
+        monkeypatch.setattr(nq, "STRIP_BYTES", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_semantic_matches_torch(case):
+def test_semantic_matches_torch(case, strips):
     compare_semantic(*unpack(case))
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("kw", [{}, {"threshold": 0.2, "max_instances": 7}, {"max_instances": 1000}])
-def test_instance_matches_torch(case, kw):
+def test_instance_matches_torch(case, kw, strips):
     compare_instance(*unpack(case), **kw)
 
 
@@ -255,10 +268,25 @@ def test_instance_matches_torch(case, kw):
         {"threshold": 0.0, "mask_threshold": 0.0, "overlap_mask_area_threshold": 0.1},
     ],
 )
-def test_panoptic_matches_torch(case, kw):
+def test_panoptic_matches_torch(case, kw, strips):
     cl, ml, resized, original = unpack(case)
     num_classes = cl.shape[-1] - 1
     compare_panoptic(cl, ml, resized, original, set(range(num_classes // 2)), **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_strips_equal_one_resize(case):
+    """Column strips of any width give the logits of one whole-image resize (to float rounding)."""
+    _, ml, resized, original = unpack(case)
+    for i in range(len(resized)):
+        x = ml[i].numpy()
+        whole = nq.masks_to_image(x, resized[i], original[i])  # (Q, H, W)
+        for max_bytes in (1, 4096, 1 << 16):
+            parts = list(nq.logit_strips(x, resized[i], original[i], max_bytes))
+            assert [p[0] for p in parts] == sorted({p[0] for p in parts}) and parts[-1][1] == whole.shape[2]
+            assert all(p[2].nbytes <= max(max_bytes, p[2].shape[0] * p[2].shape[1] * 4) for p in parts)
+            joined = np.concatenate([p[2] for p in parts], axis=2)
+            np.testing.assert_allclose(joined, whole, rtol=0, atol=LOGIT_TOL)
 
 
 def test_some_panoptic_cases_have_segments_and_merged_stuff():
@@ -278,15 +306,15 @@ def test_comparisons_attribute_rounding_noise(monkeypatch):
     # one. Query 1 is query 0 (logit 2) with a tilted mask and another class: their scores tie along a
     # slanted line (semantic, panoptic argmax), along which query 1's logit is 2; its logit crosses 2.2
     # (sigmoid 0.9) along another; query 2's logit crosses 0 along a third (instance).
-    resize = nq.masks_to_image
+    strips = nq.logit_strips
     rng = np.random.default_rng(0)
     noise = 5e-5
 
-    def noisy(*args):
-        out = resize(*args)
-        return out + rng.uniform(-noise, noise, out.shape).astype(np.float32)
+    def noisy(*args, **kwargs):
+        for c0, c1, out in strips(*args, **kwargs):
+            yield c0, c1, out + rng.uniform(-noise, noise, out.shape).astype(np.float32)
 
-    monkeypatch.setattr(nq, "masks_to_image", noisy)
+    monkeypatch.setattr(nq, "logit_strips", noisy)
     cl, ml, resized, _ = unpack(CASES[1])
     cl[0, 0, 0] = 8.0
     cl[0, 1] = cl[0, 0, [1, 0, 2, 3, 4, 5]]

@@ -1,0 +1,101 @@
+"""COCO RLE without dense per-segment masks: from one id map, or built column strip by column strip.
+
+COCO RLE is column-major: a mask's pixels in the order ``mask.T.ravel()``, as alternating run lengths
+that start with a run of zeros (``counts[0] == 0`` when the first pixel is set). Both builders here find
+the positions where a mask changes value and turn them into run lengths; pycocotools then compresses
+the lengths into its string form (``frPyObjects``), so the strings are pycocotools' own. The tests keep
+``pycocotools.mask.encode`` of the dense masks as the oracle.
+
+- :func:`id_map_rles`: every segment of an (H, W) id map (panoptic ids, semantic classes) in one
+  column-major pass over the map, instead of one (H, W) boolean mask and one encode per segment.
+- :class:`StripRuns`: N overlapping masks (instances) given as consecutive column strips (N, H, S), so
+  that no (N, H, W) array ever exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+
+def counts_to_rle(transitions: np.ndarray, height: int, width: int) -> dict[str, Any]:
+    """Sorted positions (column-major) where a mask that starts unset changes value -> COCO RLE (str counts)."""
+    n = height * width
+    bounds = np.concatenate(([0], np.asarray(transitions, dtype=np.int64), [n]))
+    counts = np.diff(bounds).tolist()  # zeros, ones, zeros, ...; the first may be 0, the last is > 0
+    rle = mask_util.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def id_map_rles(id_map: np.ndarray, ids: Sequence[int]) -> list[dict[str, Any]]:
+    """The COCO RLE of ``id_map == i`` for each ``i`` in ``ids``, from one pass over the (H, W) map."""
+    height, width = id_map.shape
+    flat = np.ascontiguousarray(id_map.T).reshape(-1)  # (H*W,) column-major
+    starts = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # (R-1,) where a run starts, past the first
+    starts = np.concatenate(([0], starts))  # (R,)
+    ends = np.concatenate((starts[1:], [flat.size]))  # (R,)
+    values = flat[starts]  # (R,) the id of each run
+    order = np.argsort(values, kind="stable")  # runs grouped by id, in position order within an id
+    sorted_values = values[order]
+    out = []
+    for i in ids:
+        lo, hi = np.searchsorted(sorted_values, [i, i + 1])  # hi: the first run past id i (integer ids)
+        runs = order[lo:hi]  # (r,) this id's runs
+        transitions = np.stack((starts[runs], ends[runs]), axis=1).reshape(-1)  # (2r,) set at start, unset at end
+        if transitions.size and transitions[-1] == flat.size:
+            transitions = transitions[:-1]  # set until the last pixel: no change at the end
+        out.append(counts_to_rle(transitions, height, width))
+    return out
+
+
+class StripRuns:
+    """Run boundaries of ``n`` masks of size ``height`` x ``width``, fed as consecutive column strips.
+
+    ``add(strip)`` takes a (n, height, S) bool strip of the next S columns; ``rles()`` returns the n COCO
+    RLEs once all ``width`` columns are in. Memory: the boundaries, plus one (n, S*height) copy per strip.
+    """
+
+    def __init__(self, n: int, height: int, width: int):
+        self.n, self.height, self.width = n, height, width
+        self._columns = 0
+        self._last = np.zeros(n, dtype=bool)  # (n,) value of each mask's last pixel so far (start: unset)
+        self._planes: list[np.ndarray] = []  # per strip: (t,) mask index of each boundary
+        self._positions: list[np.ndarray] = []  # per strip: (t,) its column-major position
+
+    def add(self, strip: np.ndarray) -> None:
+        n, h, s = strip.shape
+        if n != self.n or h != self.height or self._columns + s > self.width:
+            raise ValueError(f"strip {strip.shape} does not continue masks of {self.n} x {self.height} x {self.width}")
+        flat = np.empty((n, s * h + 1), dtype=bool)  # (n, 1 + S*H): the previous pixel, then the strip
+        flat[:, 0] = self._last
+        flat[:, 1:] = strip.transpose(0, 2, 1).reshape(n, s * h)
+        plane, pos = np.nonzero(flat[:, 1:] != flat[:, :-1])  # (t,), (t,) in plane-major, position order
+        self._planes.append(plane)
+        self._positions.append(pos + self._columns * h)
+        self._last = flat[:, -1].copy()
+        self._columns += s
+
+    def rles(self) -> list[dict[str, Any]]:
+        if self._columns != self.width:
+            raise ValueError(f"{self._columns} of {self.width} columns were added")
+        plane = np.concatenate(self._planes) if self._planes else np.zeros(0, np.int64)
+        pos = np.concatenate(self._positions) if self._positions else np.zeros(0, np.int64)
+        order = np.argsort(plane, kind="stable")  # strips are in column order: positions stay sorted
+        plane, pos = plane[order], pos[order]
+        bounds = np.searchsorted(plane, np.arange(self.n + 1))
+        return [counts_to_rle(pos[bounds[i] : bounds[i + 1]], self.height, self.width) for i in range(self.n)]
+
+
+def decode(rles: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarray:
+    """COCO RLEs (str or bytes counts) of masks of ``size`` (H, W) -> (N, H, W) bool."""
+    if not rles:
+        return np.zeros((0, *size), dtype=bool)
+    coded = [
+        {"size": r["size"], "counts": r["counts"].encode() if isinstance(r["counts"], str) else r["counts"]}
+        for r in rles
+    ]
+    return mask_util.decode(coded).transpose(2, 0, 1).astype(bool)
