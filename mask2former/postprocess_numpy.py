@@ -28,7 +28,7 @@ MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_s
 _SEMANTIC_CHUNK = 1 << 15  # pixels per (pixels, Q) @ (Q, K) product in semantic_segmentation (17 MB at K = 133)
 # Post-processing holds the full-size logits of all queries one column strip at a time: (N, H, S) float32
 # of at most this many bytes (S >= 1), so its peak memory grows with H x W, not with N x H x W.
-STRIP_BYTES = 32 << 20
+STRIP_BYTES = 16 << 20
 _ROW_BLOCK = 64  # output rows per product in Resize.strips: each block reads only its band of input rows
 _LOGIT_CLIP = 1e4  # non-finite mask logits are clipped to this: in a matrix product an inf spreads NaN (0 * inf)
 
@@ -123,7 +123,10 @@ class Resize:
         return int(max(1, min(self.width, max_bytes // max(planes * self.height * 4, 1))))
 
     def strips(self, mask_logits: np.ndarray, max_bytes: float = float("inf")) -> Iterator[tuple[int, int, np.ndarray]]:
-        """(N, h, w) mask logits -> (c0, c1, (N, H, c1 - c0) float32 logits) for consecutive column strips."""
+        """(N, h, w) mask logits -> (c0, c1, (N, H, c1 - c0) float32 logits) for consecutive column strips.
+
+        Every strip is written into the same buffer (callers may modify it in place): copy what you keep.
+        """
         hc, wc = self.ah.shape[1], self.aw.shape[1]
         x = np.asarray(mask_logits)[:, :hc, :wc]  # (N, hc, wc)
         if x.dtype != np.float32:
@@ -132,11 +135,12 @@ class Resize:
             x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)  # NaN -> 0 (torch: NaN)
         n, height = x.shape[0], self.height
         step = self.strip_width(n, max_bytes)
+        buffer = np.empty(n * height * step, dtype=np.float32)  # one strip's memory, reused by every strip
         for c0 in range(0, self.width, step):
             c1 = min(c0 + step, self.width)
             lo, hi = int(self.w_first[c0:c1].min()), int(self.w_last[c0:c1].max())
             t = np.matmul(x[:, :, lo:hi], self.aw[c0:c1, lo:hi].T)  # (N, hc, S)
-            out = np.empty((n, height, c1 - c0), dtype=np.float32)  # (N, H, S)
+            out = buffer[: n * height * (c1 - c0)].reshape(n, height, c1 - c0)  # (N, H, S) contiguous
             for r0 in range(0, height, _ROW_BLOCK):
                 r1 = min(r0 + _ROW_BLOCK, height)
                 a0, a1 = int(self.h_first[r0:r1].min()), int(self.h_last[r0:r1].max())
@@ -148,7 +152,7 @@ def logit_strips(
     mask_logits: np.ndarray, resized_size: Size, original_size: Size, max_bytes: float | None = None
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """One image's (N, h, w) logits -> (c0, c1, (N, H, S) logits at the original size) per column strip
-    of at most ``max_bytes`` (default: ``STRIP_BYTES``)."""
+    of at most ``max_bytes`` (default: ``STRIP_BYTES``), in one reused buffer (see :meth:`Resize.strips`)."""
     x = np.asarray(mask_logits)
     return Resize(x.shape[-2:], resized_size, original_size).strips(x, STRIP_BYTES if max_bytes is None else max_bytes)
 

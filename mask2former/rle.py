@@ -63,8 +63,8 @@ class StripRuns:
         self.n, self.height, self.width = n, height, width
         self._columns = 0
         self._last = np.zeros(n, dtype=bool)  # (n,) value of each mask's last pixel so far (start: unset)
-        self._planes: list[np.ndarray] = []  # per strip: (t,) mask index of each boundary
-        self._positions: list[np.ndarray] = []  # per strip: (t,) its column-major position
+        self._positions: list[np.ndarray] = []  # per strip: (t,) column-major positions of its boundaries
+        self._bounds: list[np.ndarray] = []  # per strip: (n+1,) mask i's boundaries are positions[b[i]:b[i+1]]
 
     def add(self, strip: np.ndarray) -> None:
         n, h, s = strip.shape
@@ -73,21 +73,22 @@ class StripRuns:
         flat = np.empty((n, s * h + 1), dtype=bool)  # (n, 1 + S*H): the previous pixel, then the strip
         flat[:, 0] = self._last
         flat[:, 1:] = strip.transpose(0, 2, 1).reshape(n, s * h)
-        plane, pos = np.nonzero(flat[:, 1:] != flat[:, :-1])  # (t,), (t,) in plane-major, position order
-        self._planes.append(plane)
-        self._positions.append(pos + self._columns * h)
+        plane, pos = np.nonzero(flat[:, 1:] != flat[:, :-1])  # (t,), (t,): by mask, then by position
+        offset = self._columns * h
+        dtype = np.int32 if self.height * self.width < 2**31 else np.int64
+        self._positions.append((pos + offset).astype(dtype))
+        self._bounds.append(np.searchsorted(plane, np.arange(n + 1)))
         self._last = flat[:, -1].copy()
         self._columns += s
 
     def rles(self) -> list[dict[str, Any]]:
         if self._columns != self.width:
             raise ValueError(f"{self._columns} of {self.width} columns were added")
-        plane = np.concatenate(self._planes) if self._planes else np.zeros(0, np.int64)
-        pos = np.concatenate(self._positions) if self._positions else np.zeros(0, np.int64)
-        order = np.argsort(plane, kind="stable")  # strips are in column order: positions stay sorted
-        plane, pos = plane[order], pos[order]
-        bounds = np.searchsorted(plane, np.arange(self.n + 1))
-        return [counts_to_rle(pos[bounds[i] : bounds[i + 1]], self.height, self.width) for i in range(self.n)]
+        strips = list(zip(self._positions, self._bounds, strict=True))
+        return [
+            counts_to_rle(np.concatenate([pos[b[i] : b[i + 1]] for pos, b in strips] or [[]]), self.height, self.width)
+            for i in range(self.n)
+        ]
 
 
 def decode(rles: list[dict[str, Any]], size: tuple[int, int]) -> np.ndarray:

@@ -282,7 +282,7 @@ def test_strips_equal_one_resize(case):
         x = ml[i].numpy()
         whole = nq.masks_to_image(x, resized[i], original[i])  # (Q, H, W)
         for max_bytes in (1, 4096, 1 << 16):
-            parts = list(nq.logit_strips(x, resized[i], original[i], max_bytes))
+            parts = [(c0, c1, out.copy()) for c0, c1, out in nq.logit_strips(x, resized[i], original[i], max_bytes)]
             assert [p[0] for p in parts] == sorted({p[0] for p in parts}) and parts[-1][1] == whole.shape[2]
             assert all(p[2].nbytes <= max(max_bytes, p[2].shape[0] * p[2].shape[1] * 4) for p in parts)
             joined = np.concatenate([p[2] for p in parts], axis=2)
