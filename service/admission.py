@@ -1,0 +1,64 @@
+"""Admission by measured capacity: would a request let in now be answered before its deadline?
+
+The service admits a request only while ``predicted_s(admitted)`` -- the time until the requests already
+admitted, and then this one, are answered -- fits in a share of the time the request has left. The
+prediction is the measured cost of one request alone (``latency_s``: its forward pass per image plus its
+decoding, post-processing and encoding) plus the measured time between answers while the server is busy
+(``interval_s``, the inverse of its throughput, contention included) for each request ahead of it. Both
+are moving averages; the warm-up seeds them. A wrong guess costs a 503 with Retry-After, not a 504.
+
+No asyncio, HTTP or model here: the unit tests drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+ALPHA = 0.2  # weight of the newest sample in the moving averages
+
+
+def _average(old: float, new: float) -> float:
+    return (1 - ALPHA) * old + ALPHA * new
+
+
+class Capacity:
+    """Moving averages of what a request costs, and the wait they predict."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self.forward_s = 0.0  # forward pass per image
+        self.cpu_s = 0.0  # decoding + post-processing + encoding per request (their running time)
+        self.interval_s = 0.0  # between two answers while busy
+        self._last_answer: float | None = None
+        self._busy_since: float | None = None
+
+    @property
+    def latency_s(self) -> float:
+        """One request on an idle server."""
+        return self.forward_s + self.cpu_s
+
+    def seed(self, forward_s: float) -> None:
+        """Start from one measured forward pass (the warm-up: slower than later ones, so cautious)."""
+        self.forward_s = self.interval_s = forward_s
+
+    def on_batch(self, images: int, seconds: float) -> None:
+        self.forward_s = _average(self.forward_s, seconds / max(images, 1))
+
+    def on_admitted(self, admitted_before: int) -> None:
+        """A request was let in when ``admitted_before`` were already in."""
+        if admitted_before == 0:
+            self._busy_since = self.clock()
+
+    def on_answered(self, cpu_s: float) -> None:
+        """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool."""
+        now = self.clock()
+        self.cpu_s = _average(self.cpu_s, cpu_s)
+        if self._busy_since is not None:  # the time since the later of: the last answer, becoming busy
+            since = max(self._busy_since, self._last_answer if self._last_answer is not None else self._busy_since)
+            self.interval_s = _average(self.interval_s, now - since)
+        self._last_answer = now
+
+    def predicted_s(self, ahead: int) -> float:
+        """Seconds until a request let in now is answered, with ``ahead`` requests admitted before it."""
+        return self.latency_s + ahead * max(self.interval_s, 0.0)

@@ -1,0 +1,58 @@
+"""service.admission.Capacity with a fake clock: what it measures and what it predicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.admission import Capacity
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_seeded_by_the_warm_up():
+    cap = Capacity(Clock())
+    cap.seed(0.5)
+    assert cap.latency_s == 0.5 and cap.predicted_s(0) == 0.5 and cap.predicted_s(4) == pytest.approx(2.5)
+
+
+def test_measures_forward_cpu_and_the_interval_between_answers_while_busy():
+    clock = Clock()
+    cap = Capacity(clock)
+    cap.seed(1.0)
+    for _ in range(60):  # a steady state: batches of 4 at 0.4 s, one answer every 0.25 s, 0.05 s CPU work each
+        cap.on_batch(4, 0.4)
+    cap.on_admitted(0)  # busy from now
+    for _ in range(60):
+        clock.now += 0.25
+        cap.on_answered(0.05)
+    assert cap.forward_s == pytest.approx(0.1, rel=1e-3)
+    assert cap.cpu_s == pytest.approx(0.05, rel=1e-3)
+    assert cap.interval_s == pytest.approx(0.25, rel=1e-3)
+    assert cap.predicted_s(10) == pytest.approx(0.15 + 2.5, rel=1e-3)
+
+
+def test_idle_time_is_not_taken_for_slowness():
+    clock = Clock()
+    cap = Capacity(clock)
+    cap.seed(0.2)
+    cap.on_admitted(0)
+    clock.now += 0.2
+    cap.on_answered(0.0)
+    clock.now += 60.0  # idle for a minute, then one request
+    cap.on_admitted(0)
+    clock.now += 0.2
+    cap.on_answered(0.0)
+    assert cap.interval_s == pytest.approx(0.2)
+
+
+def test_predictions_grow_with_the_requests_ahead():
+    cap = Capacity(Clock())
+    cap.seed(0.3)
+    assert [cap.predicted_s(n) for n in range(4)] == sorted(cap.predicted_s(n) for n in range(4))
+    assert cap.predicted_s(3) - cap.predicted_s(2) == pytest.approx(cap.interval_s)
