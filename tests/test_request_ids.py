@@ -1,0 +1,206 @@
+"""Request ids and logs: ``X-Request-ID`` on every answer, the id on every log line written while a request is
+handled (worker threads included), one access line per request, ``--log-format json``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from PIL import Image
+
+from mask2former import synth
+from service import logs
+
+HEX_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def png_bytes(index: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(synth.make_sample(seed=2024, index=index, size=(128, 160)).image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    # Debug level: PIL logs each PNG chunk it reads, in the decode worker thread; those lines must carry the id.
+    return start_server(
+        "--log-format", "json", "--log-level", "debug", "--max-batch-delay-ms", "1",
+        env={"M2F_MAX_BODY_BYTES": "100000"},
+    )  # fmt: skip
+
+
+def segment(server, data: bytes, rid: str | bytes | None = None, **params) -> httpx.Response:
+    headers = {"Content-Type": "image/png"}
+    if rid is not None:
+        headers["X-Request-ID"] = rid
+    return server.client.post("/v1/segment", content=data, headers=headers, params=params)
+
+
+def log_records(server) -> list[dict]:
+    """The server's JSON log lines (every line it wrote must be one)."""
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]
+
+
+def wait_for_access(server, rid: str, timeout: float = 10.0) -> list[dict]:
+    """The log records of request ``rid`` once its access line is written."""
+    end = time.monotonic() + timeout
+    while True:
+        records = [r for r in log_records(server) if r["request_id"] == rid]
+        if any(r["logger"] == "m2f.access" for r in records) or time.monotonic() > end:
+            return records
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------- ids
+def test_client_ids_are_kept_when_valid_and_replaced_otherwise(server):
+    data = png_bytes()
+    for rid in ("abc-123_X.y", "a" * 128, "with spaces and :/=+"):
+        r = segment(server, data, rid)
+        assert r.status_code == 200 and r.headers["X-Request-ID"] == rid
+    for rid in ("a" * 129, "tab\there", b"caf\xe9"):  # too long, a control character, not ASCII
+        r = segment(server, data, rid)
+        assert r.status_code == 200 and HEX_ID.match(r.headers["X-Request-ID"]), rid
+    first, second = segment(server, data), segment(server, data)
+    assert HEX_ID.match(first.headers["X-Request-ID"]) and HEX_ID.match(second.headers["X-Request-ID"])
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]
+
+
+def test_every_answer_carries_the_id(server):
+    big = png_bytes() * 20  # over the 100 kB body limit
+    calls = {
+        "segment 200": lambda h: server.client.post("/v1/segment", content=png_bytes(), headers=h),
+        "segment 415": lambda h: server.client.post("/v1/segment", content=b"text", headers=h),
+        "segment 400": lambda h: server.client.post("/v1/segment", content=png_bytes()[:200], headers=h),
+        "segment 413": lambda h: server.client.post("/v1/segment", content=big, headers=h),
+        "segment 422": lambda h: server.client.post("/v1/segment?threshold=7", content=png_bytes(), headers=h),
+        "healthz": lambda h: server.client.get("/healthz", headers=h),
+        "readyz": lambda h: server.client.get("/readyz", headers=h),
+        "metrics": lambda h: server.client.get("/metrics", headers=h),
+        "model": lambda h: server.client.get("/v1/model", headers=h),
+        "openapi": lambda h: server.client.get("/openapi.json", headers=h),
+        "docs": lambda h: server.client.get("/docs", headers=h),
+        "404": lambda h: server.client.get("/no/such/path", headers=h),
+        "405": lambda h: server.client.delete("/v1/segment", headers=h),
+    }
+    expected = {"segment 415": 415, "segment 400": 400, "segment 413": 413, "segment 422": 422}
+    expected |= {"404": 404, "405": 405}
+    for name, call in calls.items():
+        r = call({"X-Request-ID": f"every-{name.replace(' ', '-')}", "Content-Type": "image/png"})
+        assert r.status_code == expected.get(name, 200), f"{name}: {r.status_code} {r.text[:200]}"
+        assert r.headers["X-Request-ID"] == f"every-{name.replace(' ', '-')}", name
+        generated = call({"Content-Type": "image/png"}).headers["X-Request-ID"]
+        assert HEX_ID.match(generated), name
+
+
+# ---------------------------------------------------------------------------------------------- logs
+def test_every_line_of_a_request_carries_its_id_and_one_access_line_has_its_fields(server):
+    rid = "trace-me-1"
+    r = segment(server, png_bytes(2), rid, task="instance")
+    assert r.status_code == 200
+    timings = r.json()["timings"]
+    records = wait_for_access(server, rid)
+    access = [x for x in records if x["logger"] == "m2f.access"]
+    assert len(access) == 1
+    line = access[0]
+    assert (line["method"], line["path"], line["status"], line["task"]) == ("POST", "/v1/segment", 200, "instance")
+    assert (line["width"], line["height"]) == (160, 128)
+    for key in ("queue_s", "inference_s", "postprocess_s"):
+        assert line[key] == pytest.approx(timings[key], abs=1e-6)  # rounded to the microsecond
+    assert line["total_s"] >= timings["total_s"] > 0
+    assert line["level"] == "INFO" and line["message"].startswith("POST /v1/segment 200 task=instance image=160x128")
+    assert set(line) >= {"time", "level", "logger", "message", "request_id"}
+    # Lines written while the request was handled carry its id: the middleware's start line (event loop) and
+    # PIL's PNG chunk lines, written in the decode worker thread.
+    assert any(x["logger"] == "m2f.service" and x["message"].startswith("POST /v1/segment from") for x in records)
+    assert any(x["logger"].startswith("PIL.") for x in records), [x["logger"] for x in records]
+    # No PIL line (they are only written while decoding an upload) lost its request's id.
+    assert all(x["request_id"] != logs.NO_REQUEST for x in log_records(server) if x["logger"].startswith("PIL."))
+
+
+def test_concurrent_requests_keep_their_own_ids(server):
+    ids = [f"parallel-{i}" for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda i: segment(server, png_bytes(i), ids[i]), range(6)))
+    assert [a.headers["X-Request-ID"] for a in answers] == ids
+    for rid, answer in zip(ids, answers):
+        line = next(x for x in wait_for_access(server, rid) if x["logger"] == "m2f.access")
+        assert line["status"] == 200
+        assert line["inference_s"] == pytest.approx(answer.json()["timings"]["inference_s"], abs=1e-6)
+
+
+def test_error_access_lines_carry_the_reason(server):
+    r = segment(server, b"not an image", "trace-err-1")
+    assert r.status_code == 415
+    line = next(x for x in wait_for_access(server, "trace-err-1") if x["logger"] == "m2f.access")
+    assert (line["status"], line["reason"]) == (415, "unsupported_media_type")
+    assert "415 unsupported_media_type" in line["message"]
+
+
+# ---------------------------------------------------------------------------------------------- in process
+def test_formats_and_context_propagation_to_threads():
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RequestIdFilter())
+    logger = logging.getLogger("m2f.test-formats")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        handler.setFormatter(logging.Formatter(logs.TEXT_FORMAT))
+        token = logs.request_id.set("ctx-1")
+        try:
+            logger.info("in the request")
+            with ThreadPoolExecutor(1) as plain, logs.ContextThreadPoolExecutor(1) as ours:
+                plain.submit(logger.info, "plain pool").result()  # loses the context
+                ours.submit(logger.info, "context pool").result()
+        finally:
+            logs.request_id.reset(token)
+        logger.info("after the request")
+        text = stream.getvalue().splitlines()
+        assert [line.split(": ", 1)[0].rsplit(" ", 1)[-1] for line in text] == ["[ctx-1]", "[-]", "[ctx-1]", "[-]"]
+
+        handler.setFormatter(logs.JsonFormatter())
+        stream.seek(0), stream.truncate()
+        token = logs.request_id.set("ctx-2")
+        try:
+            logger.info("done", extra={"access": {"status": 200, "total_s": 0.5}})
+        finally:
+            logs.request_id.reset(token)
+        doc = json.loads(stream.getvalue())
+        assert {k: doc[k] for k in ("level", "logger", "message", "request_id", "status", "total_s")} == {
+            "level": "INFO",
+            "logger": "m2f.test-formats",
+            "message": "done",
+            "request_id": "ctx-2",
+            "status": 200,
+            "total_s": 0.5,
+        }
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_unhandled_error_is_answered_in_json_with_the_id():
+    app = FastAPI()
+    app.add_middleware(logs.RequestIdMiddleware)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("kaboom")
+
+    async def call() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/boom", headers={"X-Request-ID": "boom-1"})
+
+    r = asyncio.run(call())
+    assert r.status_code == 500 and r.headers["X-Request-ID"] == "boom-1"
+    assert r.json()["error"]["reason"] == "internal"
