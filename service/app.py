@@ -7,10 +7,16 @@
    the upload limits, not the compute ones: at most ``max_uploads`` bodies at once (503), each within
    ``upload_timeout_s`` and never idle for ``upload_idle_timeout_s`` (408), up to ``max_body_bytes`` (413),
    so that no number of slow or stalled clients can hold the compute slots;
-2. only then reserves a slot (at most ``max_queue`` requests admitted and unanswered; else 503 +
-   Retry-After), and decodes and resizes the image in a worker thread (415 / 413 / 400);
+2. only then reserves a slot: at most ``max_queue`` requests admitted and unanswered, and only while the
+   measured cost of those (forward pass per image + post-processing per request) leaves this one time to
+   finish within ``request_timeout_s``; else 503 + Retry-After at once. It then decodes and resizes the
+   image in a worker thread (415 / 413 / 400);
 3. waits for its batch, at most until its deadline (504); a client that disconnects is dropped;
 4. post-processes and RLE-encodes its image in a worker thread (:func:`service.pipeline.answer`).
+
+One deadline, ``request_timeout_s`` from the request's start, covers all of it: a step is not started once
+it has passed (an expired image never reaches a batch, an expired result is not post-processed), and the
+client gets 504 at the deadline even when a step is still running.
 
 On SIGTERM (see :func:`serve`) the service stops admitting (503 ``draining``, ``/readyz`` 503) and finishes
 what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets a JSON 503 ``draining``.
@@ -26,34 +32,42 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from mask2former.processing import ImageTooLarge, UnsupportedImageFormat
 from service import pipeline
-from service.batching import Batcher, BatchPolicy, BatchResult, Item
+from service.admission import Capacity
+from service.batching import Batcher, BatchPolicy, BatchResult, Item, choose_batch_size, profile_batches
+from service.docs import add_offline_docs
+from service.errors import HTTPError, error_response
+from service.logs import ContextThreadPoolExecutor, RequestIdMiddleware, configure_logging
 from service.metrics import Metrics
-from service.runtime import Runner, open_runner
+from service.runtime import Runner, default_side, open_runner
 from service.schemas import ErrorResponse, ModelInfo, SegmentResponse, Task
 from service.settings import Settings
+from service.uploads import UploadLimits, image_bytes
 
 log = logging.getLogger("m2f.service")
 
+# Admission: a request is let in only while the measured cost of those admitted, plus its own, fits in
+# this share of the request timeout (the rest is margin for decoding, uploads and noise).
+ADMIT_FRACTION = 0.5
 
-class HTTPError(Exception):
-    """An error answered as ``{"error": {"status", "reason", "message"}}``."""
-
-    def __init__(self, status: int, reason: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
+WEB_DIR = Path(__file__).parent / "static"  # the web page at / (index.html and its scripts and styles)
+WEB_CSP = (  # the page loads nothing from elsewhere; blob: is its raw-JSON download link
+    "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; "
+    "base-uri 'none'; frame-ancestors 'none'"
+)
 
 
 class ServiceState:
@@ -71,8 +85,12 @@ class ServiceState:
         self.uploads = 0  # bodies being read
         self.abandoned = asyncio.Event()  # set at the drain timeout: open requests are answered 503
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
-        self.cpu_pool = ThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
+        # Request work (decode, post-processing): a pool that keeps the request id on the worker's log lines.
+        self.cpu_pool = ContextThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
         self.recent_batch_s = 1.0  # moving average of batch time, for Retry-After
+        self.capacity = Capacity()  # measured cost per request, for admission
+        self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
+        self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -84,13 +102,32 @@ class ServiceState:
             log.info("loaded %s (%s) in %.1fs", self.runner.config.name, self.runner.name, time.perf_counter() - t0)
         t0 = time.perf_counter()
         self.runner.warmup()
-        log.info("warm-up took %.2fs", time.perf_counter() - t0)
+        warmup_s = time.perf_counter() - t0
+        log.info("warm-up took %.2fs", warmup_s)
+        self.capacity.seed(warmup_s)
+        self.batch_size = self.runner.input.batch or s.max_batch_size
+        if s.batch_profile and self.runner.input.batch is None and s.max_batch_size > 1:
+            side = default_side(self.runner.config)
+            size = self.runner.input.size or (side, side)
+            t0 = time.perf_counter()
+            self.batch_seconds = profile_batches(self.runner.run, size, s.max_batch_size)
+            # Latency limit: one pass may take at most a quarter of the request timeout.
+            self.batch_size = choose_batch_size(self.batch_seconds, max_batch_s=s.request_timeout_s / 4)
+            self.capacity.seed(self.batch_seconds[1])
+            per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in self.batch_seconds.items())
+            log.info(
+                "batch profile at %dx%d, seconds per image by batch size: %s -> batch size %d (%.1fs)",
+                *size,
+                per_image,
+                self.batch_size,
+                time.perf_counter() - t0,
+            )
 
     def start_batcher(self) -> None:
         runner, s = self.runner, self.settings
         fixed_batch = runner.input.batch
         policy = BatchPolicy(
-            max_batch_size=fixed_batch or s.max_batch_size,
+            max_batch_size=self.batch_size,
             max_delay_s=s.max_batch_delay_ms / 1000,
             bucket_px=s.bucket_px,
             size_divisor=runner.config.preprocess.size_divisor,
@@ -108,6 +145,7 @@ class ServiceState:
         self.metrics.batch_size.observe(n)
         self.metrics.inference_duration.observe(seconds)
         self.recent_batch_s = 0.8 * self.recent_batch_s + 0.2 * seconds
+        self.capacity.on_batch(n, seconds)
 
     def _on_depth(self, n: int) -> None:
         self.metrics.queue_depth.set(n)
@@ -131,12 +169,12 @@ class ServiceState:
 
     # ------------------------------------------------------------------ admission
     def retry_after(self) -> str:
-        """Seconds until a slot is likely free: the queue's worth of batches at the recent batch time."""
-        batches = self.admitted / max(self.batcher.policy.max_batch_size if self.batcher else 1, 1)
-        return str(min(max(math.ceil(batches * self.recent_batch_s), 1), 60))
+        """Seconds until the requests admitted now are likely answered (1..60)."""
+        return str(min(max(math.ceil(self.capacity.predicted_s(self.admitted)), 1), 60))
 
-    def refusal(self) -> HTTPError | None:
-        """The 503 a request would get now (draining, model not ready, queue full), or None."""
+    def refusal(self, remaining_s: float) -> HTTPError | None:
+        """The 503 a request with ``remaining_s`` to its deadline would get now (draining, model not ready,
+        queue full, or more admitted than can be answered in time), or None."""
         if self.draining:
             return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
         if not self.ready:
@@ -150,97 +188,59 @@ class ServiceState:
                 f"{self.admitted} requests are queued; try again later",
                 {"Retry-After": self.retry_after()},
             )
+        predicted = self.capacity.predicted_s(self.admitted)
+        if self.admitted > 0 and predicted > ADMIT_FRACTION * remaining_s:
+            return HTTPError(
+                503,
+                "queue_full",
+                f"{self.admitted} requests are queued; another would be answered in about {predicted:.1f} s, "
+                f"past its deadline",
+                {"Retry-After": self.retry_after()},
+            )
         return None
 
-    def check_admission(self) -> None:
-        """Refuse at once (before the upload) what :meth:`admit` would refuse now."""
-        if (refused := self.refusal()) is not None:
+    def check_admission(self, deadline: float) -> None:
+        """Refuse at once what :meth:`admit` would refuse now (before the upload)."""
+        if (refused := self.refusal(deadline - time.monotonic())) is not None:
             raise refused
 
-    def admit(self) -> None:
-        """Take a compute slot, or raise the 503 of :meth:`refusal`."""
-        self.check_admission()
+    def admit(self, deadline: float) -> tuple[float, float]:
+        """Take a compute slot for a request due at ``deadline`` (``time.monotonic()``), or raise its 503.
+        Returns when it was admitted and the answer time predicted for it (for ``Capacity.on_answered``)."""
+        self.check_admission(deadline)
+        self.capacity.on_admitted(self.admitted)
         self.admitted += 1
         self.metrics.inflight.set(self.admitted)
+        return time.monotonic(), self.capacity.predicted_s(self.admitted - 1)
 
     def release(self) -> None:
         self.admitted -= 1
         self.metrics.inflight.set(self.admitted)
 
+    async def before(self, deadline: float, step: str, spent: list[float], fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the CPU pool if the request's deadline (``time.monotonic()``) has not passed, and
+        its result if it comes before the deadline; else 504. A step cut off at the deadline finishes in its
+        worker thread (Python threads cannot be stopped), but no later step of that request starts.
+        The seconds ``fn`` ran (not its wait for a worker) are appended to ``spent``."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HTTPError(504, "timeout", f"the request's deadline passed before {step}")
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        work = asyncio.get_running_loop().run_in_executor(self.cpu_pool, timed)
+        try:
+            return await asyncio.wait_for(work, remaining)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, "timeout", f"the request's deadline passed during {step}") from None
+
 
 # ---------------------------------------------------------------------------------------------- body
-@dataclass(frozen=True)
-class UploadLimits:
-    """How a body is read: at most ``max_bytes`` (413), finished by ``deadline`` (``time.monotonic()``) and
-    never idle for ``idle_s`` (408)."""
-
-    max_bytes: int
-    deadline: float
-    idle_s: float
-
-
-async def read_body(request: Request, limits: UploadLimits) -> bytes:
-    """The request body under ``limits``, refusing more than ``max_bytes`` (413) before reading it all when
-    the Content-Length says so, and a client too slow to send it (408)."""
-    limit = limits.max_bytes
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not length.strip().isdigit():
-            raise HTTPError(400, "bad_request", f"invalid Content-Length {length!r}")
-        if int(length) > limit:
-            raise HTTPError(413, "too_large", f"body of {int(length)} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        left = limits.deadline - time.monotonic()
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(left, limits.idle_s)))
-        except StopAsyncIteration:
-            break
-        except asyncio.TimeoutError:
-            why = "not sent in time" if left <= limits.idle_s else f"idle for {limits.idle_s:g} s"
-            raise HTTPError(408, "upload_timeout", f"request body {why} ({size} bytes received)") from None
-        size += len(chunk)
-        if size > limit:
-            raise HTTPError(413, "too_large", f"body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def image_bytes(request: Request, limits: UploadLimits) -> bytes:
-    """The encoded image: the raw body (``image/*``, ``application/octet-stream``) or multipart field ``image``."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data")):
-        raise HTTPError(
-            415,
-            "unsupported_media_type",
-            f"Content-Type {ctype or '(none)'} not accepted: send the image as the body (image/*) or as the "
-            "multipart/form-data field 'image'",
-        )
-    limit = limits.max_bytes
-    body = await read_body(request, limits)
-    if ctype != "multipart/form-data":
-        if not body:
-            raise HTTPError(400, "bad_image", "empty body")
-        return body
-
-    async def once():
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=limit).parse()
-    except MultiPartException as e:
-        raise HTTPError(400, "bad_request", f"malformed multipart body: {e.message}") from None
-    field = form.get("image")
-    if field is None or isinstance(field, str):
-        raise HTTPError(400, "bad_request", "multipart body has no file field 'image'")
-    data = await field.read()
-    await form.close()
-    if not data:
-        raise HTTPError(400, "bad_image", "empty image field")
-    return data
-
-
 async def read_upload(request: Request, state: ServiceState, deadline: float) -> bytes:
     """The image bytes, read under the upload limits (at most ``max_uploads`` at once, else 503
     ``too_many_uploads``), within the request's deadline."""
@@ -299,14 +299,10 @@ async def wait_for_result(request: Request, state: ServiceState, item: Item, dea
         return future.result()  # a failed batch raises here
     if watcher in done:
         raise HTTPError(499, "disconnected", "client closed the connection")
-    raise HTTPError(504, "timeout", f"no result within {state.settings.request_timeout_s:g}s")
+    raise HTTPError(504, "timeout", "the request's deadline passed while waiting for inference")
 
 
 # ---------------------------------------------------------------------------------------------- app
-def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "reason": reason, "message": message}}, status, headers)
-
-
 def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
     """The FastAPI app. With ``runner`` given, that runner is served (and not loaded from ``settings``)."""
     settings = settings or Settings()
@@ -335,8 +331,12 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         version="0.1.0",
         description="Semantic, instance and panoptic segmentation with Mask2Former; masks as COCO RLE.",
         lifespan=lifespan,
+        docs_url=None,  # served by add_offline_docs, from local assets
+        redoc_url=None,
     )
     app.state.service = state
+    app.add_middleware(RequestIdMiddleware)  # X-Request-ID on every answer, the id on log lines, the access log
+    add_offline_docs(app)
     app.state.on_load_error = lambda: None  # `serve` makes this stop the server
 
     @app.exception_handler(HTTPError)
@@ -364,6 +364,12 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+
+    @app.get("/", include_in_schema=False)
+    async def web_page() -> FileResponse:
+        return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": WEB_CSP})
 
     @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorResponse}})
     async def model_info() -> dict[str, Any]:
@@ -393,6 +399,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
             },
             "batching": {
                 "max_batch_size": state.batcher.policy.max_batch_size,
+                "profile_s": {str(b): t for b, t in state.batch_seconds.items()},  # seconds per pass by batch size
                 "max_batch_delay_ms": settings.max_batch_delay_ms,
                 "bucket_px": settings.bucket_px,
                 "max_queue": settings.max_queue,
@@ -435,20 +442,23 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         async def handle() -> Response:
             deadline = time.monotonic() + settings.request_timeout_s
             task_name = task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
+            request.state.access = {"task": task_name}  # for the access-log line (service.logs)
             status, admitted = 500, False
             try:
-                state.check_admission()  # a full queue or a draining server answers at once, before the upload
+                state.check_admission(deadline)  # a full queue or a draining server answers at once, before the upload
                 data = await read_upload(request, state, deadline)
-                state.admit()
-                admitted = True
-                loop = asyncio.get_running_loop()
-                prepared = await loop.run_in_executor(state.cpu_pool, decode_and_prepare, data, state)
+                admission = state.admit(deadline)
+                admitted, spent = True, []  # spent: seconds of CPU-pool work for this request
+                prepared = await state.before(deadline, "decoding", spent, decode_and_prepare, data, state)
                 decoded = time.perf_counter()
+                request.state.access.update(height=prepared.original_size[0], width=prepared.original_size[1])
                 result = await wait_for_result(request, state, Item(prepared.pixels, prepared.resized_size), deadline)
                 state.metrics.queue_duration.observe(result.queue_s)
                 post_start = time.perf_counter()
-                body = await loop.run_in_executor(
-                    state.cpu_pool,
+                body = await state.before(  # not started past the deadline, and 504 at it
+                    deadline,
+                    "post-processing",
+                    spent,
                     functools.partial(
                         pipeline.answer,
                         task_name,
@@ -472,7 +482,10 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
                     "total_s": time.perf_counter() - started,
                     "batch_size": result.batch_size,
                 }
-                content = await loop.run_in_executor(state.cpu_pool, lambda: json.dumps(body).encode())
+                request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
+                request.state.access.update(postprocess_s=post_s)
+                content = await state.before(deadline, "encoding", spent, lambda: json.dumps(body).encode())
+                state.capacity.on_answered(sum(spent), *admission)
                 status = 200
                 return Response(content, media_type="application/json")
             except asyncio.CancelledError:  # abandoned at the drain timeout (see below)
@@ -522,9 +535,7 @@ def serve(settings: Settings) -> int:
     OSError (one line) at once when the address cannot be bound."""
     import uvicorn
 
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging(settings.log_level, settings.log_format)  # text or JSON lines, each with its request id
     app = create_app(settings)
     state: ServiceState = app.state.service
 
@@ -546,7 +557,8 @@ def serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        access_log=False,
+        log_config=None,  # uvicorn's loggers go through ours (configure_logging): one format, request ids
+        access_log=False,  # ours is service.logs.RequestIdMiddleware's, with the request's timings
         # Later than our own drain timeout, which answers what is still open in JSON first.
         timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S,
     )

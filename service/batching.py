@@ -258,3 +258,47 @@ class Batcher:
                     it.future.set_result(
                         BatchResult(class_logits[i], mask_logits[i], len(batch), started - it.enqueued, inference_s)
                     )
+
+
+# ---------------------------------------------------------------------------------------------- batch size
+BATCH_GAIN = 1.10  # a larger batch is used only if it raises throughput (images/s) by at least this factor
+
+
+def profile_batches(
+    run: Callable[[np.ndarray], Any], size: Size, max_batch_size: int, repeats: int = 2
+) -> dict[int, float]:
+    """Seconds per forward pass at batch sizes 1, 2, 4, ... <= ``max_batch_size`` (and ``max_batch_size``
+    itself), for (B, 3, *size) zero images: the fastest of ``repeats`` passes each, after one unmeasured."""
+    sizes = sorted(
+        {b for b in (1 << k for k in range(max_batch_size.bit_length())) if b <= max_batch_size} | {max_batch_size}
+    )
+    seconds = {}
+    for b in sizes:
+        x = np.zeros((b, 3, *size), dtype=np.float32)
+        run(x)  # allocations and kernel choices for this shape
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(x)
+            best = min(best, time.perf_counter() - t0)
+        seconds[b] = best
+    return seconds
+
+
+def choose_batch_size(seconds: dict[int, float], max_batch_s: float | None = None) -> int:
+    """The batch size to use from measured seconds per pass by batch size.
+
+    Starting at 1, a larger batch replaces the current choice only if its throughput (images per second)
+    is at least ``BATCH_GAIN`` times the current one's, and, when ``max_batch_s`` is given, its pass takes
+    no longer than that (a latency limit). Batching never lowers throughput: on a CPU whose cores one
+    image already fills, the answer is 1.
+    """
+    if not seconds:
+        return 1
+    choice = min(seconds)
+    for b in sorted(seconds):
+        if max_batch_s is not None and seconds[b] > max_batch_s and b > min(seconds):
+            break
+        if b / seconds[b] >= BATCH_GAIN * (choice / seconds[choice]):
+            choice = b
+    return choice

@@ -10,6 +10,7 @@ batcher knows whether it may choose batch size and padded shape freely.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,7 +71,12 @@ class TorchRunner:
     name = "torch"
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", threads: int | None = None):
-        import torch
+        # OpenMP threads that wait passively: torch's default, spinning, starves (and is starved by) the
+        # service's decode/post-processing threads on the same cores. Demo model, 2 cores, 2 busy numpy
+        # threads beside it: 89 ms per forward pass passive, 1161 ms spinning. Read when torch first loads
+        # OpenMP, so it holds where this runner is the first to import torch (``m2f serve``, ``m2f batch``).
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import torch  # lazy: the torch runtime is optional (the ONNX Runtime path runs without it)
 
         from mask2former.weights import DEMO_WEIGHTS, load_model
 

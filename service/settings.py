@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from pathlib import Path
 from typing import Literal
 
@@ -10,13 +12,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Runtime = Literal["auto", "torch", "onnxruntime"]
 
+DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"  # in a source checkout or editable install
+DISTRIBUTION = "mask2former-serve"
+
+
+def demo_onnx() -> Path:
+    """The demo model as ONNX (``weights/demo/model.onnx``): the source checkout's copy, else the copy a wheel
+    install put under ``share/mask2former-serve/demo`` (pyproject's data-files), found through its RECORD."""
+    local = DEMO_DIR / "model.onnx"
+    if local.is_file():
+        return local
+    try:
+        files = importlib.metadata.files(DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "model.onnx" and DISTRIBUTION in f.parts:
+            return Path(str(f.locate())).resolve()
+    return local  # missing: the runner's error names this path
+
+
+def torch_demo_available() -> bool:
+    """Whether the demo can run in PyTorch here: torch is installed and the safetensors checkpoint is present.
+
+    Finds torch without importing it: the runner sets OpenMP's wait policy before torch's first import
+    (``service.runtime.TorchRunner``), and a settings object should not cost a second of start-up."""
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        return False
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or stubbed install (sys.modules["torch"] = None)
+        return False
+
 
 class Settings(BaseSettings):
     """Every knob of ``m2f serve``; ``M2F_MAX_BATCH_SIZE=8`` sets ``max_batch_size`` and so on."""
 
     model_config = SettingsConfigDict(env_prefix="M2F_", extra="ignore")
 
-    model: Path | None = Field(None, description="HF checkpoint folder or .onnx file; default: the bundled demo model")
+    model: Path | None = Field(
+        None,
+        description="HF checkpoint folder or .onnx file; default: the bundled demo model (PyTorch where torch is "
+        "installed, else its ONNX export weights/demo/model.onnx)",
+    )
     runtime: Runtime = Field("auto", description="auto: onnxruntime for a .onnx file, torch otherwise")
     device: str = Field("cpu", description="torch runtime: cpu, cuda, cuda:1, ...")
     host: str = "127.0.0.1"
@@ -24,6 +62,11 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(4, ge=1, description="images per forward pass")
     max_batch_delay_ms: float = Field(5.0, ge=0, description="how long a request waits for others to batch with")
+    batch_profile: bool = Field(
+        True,
+        description="at start-up, time the forward pass by batch size and batch (up to max_batch_size) only "
+        "where it raises throughput",
+    )
     bucket_px: int = Field(128, ge=32, description="padded sizes are grouped in steps of this many pixels")
     max_queue: int = Field(32, ge=1, description="requests admitted and not yet answered; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
@@ -40,9 +83,14 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(None, description="ONNX Runtime optimized-graph cache folder")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may take")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
     @model_validator(mode="after")
     def _resolve_runtime(self) -> Settings:
+        if self.model is None and (
+            self.runtime == "onnxruntime" or (self.runtime == "auto" and not torch_demo_available())
+        ):
+            self.model = demo_onnx()  # the demo without torch
         if self.runtime == "auto":
             onnx = self.model is not None and self.model.suffix == ".onnx"
             self.runtime = "onnxruntime" if onnx else "torch"

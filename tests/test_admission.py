@@ -56,3 +56,20 @@ def test_predictions_grow_with_the_requests_ahead():
     cap.seed(0.3)
     assert [cap.predicted_s(n) for n in range(4)] == sorted(cap.predicted_s(n) for n in range(4))
     assert cap.predicted_s(3) - cap.predicted_s(2) == pytest.approx(cap.interval_s)
+
+
+def test_predictions_learn_from_requests_that_took_longer_than_predicted():
+    clock = Clock()
+    cap = Capacity(clock)
+    cap.seed(0.1)
+    before = cap.predicted_s(5)
+    for _ in range(20):  # every admitted request takes 3x what was predicted for it
+        admitted_at, predicted = clock.now, cap.predicted_s(0)
+        clock.now += 3 * predicted
+        cap.on_answered(0.0, admitted_at, predicted)
+    assert cap.calibration > 2.5 and cap.predicted_s(5) > 2.5 * before / 1.5
+    for _ in range(60):  # and faster ones bring it back, never below 1
+        admitted_at, predicted = clock.now, cap.predicted_s(0)
+        clock.now += 0.1 * predicted
+        cap.on_answered(0.0, admitted_at, predicted)
+    assert cap.calibration == 1.0

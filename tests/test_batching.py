@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from service.batching import Batcher, BatchPolicy, Item, assemble
+from service.batching import BATCH_GAIN, Batcher, BatchPolicy, Item, assemble, choose_batch_size, profile_batches
 
 
 def item(h: int, w: int, value: float = 1.0) -> Item:
@@ -247,3 +247,31 @@ def test_stop_fails_waiting_requests():
     with pytest.raises(RuntimeError, match="shutting down"):
         future.result()
     assert model.calls == []
+
+
+# ---------------------------------------------------------------------------------------------- batch size
+def test_batching_is_chosen_only_where_it_raises_throughput():
+    # Throughput b / t: 1 -> 1.0, 2 -> 1.6, 4 -> 2.0 img/s: each step gains >= 10 %: batch 4.
+    assert choose_batch_size({1: 1.0, 2: 1.25, 4: 2.0}) == 4
+    # A real-size model on 2 cores: a batch of 3 takes longer per image than 1 image (the 6.6 s vs 1.35 s).
+    assert choose_batch_size({1: 1.35, 2: 3.0, 4: 6.6}) == 1
+    # 2 gains, 4 loses against 2: stay at 2.
+    assert choose_batch_size({1: 1.0, 2: 1.2, 4: 3.0}) == 2
+    # A gain under BATCH_GAIN is not worth the wait for a batch to fill.
+    assert choose_batch_size({1: 1.0, 2: 2.0 / (BATCH_GAIN - 0.05)}) == 1
+    # The latency limit: a pass may not take longer than max_batch_s, whatever it gains.
+    assert choose_batch_size({1: 1.0, 2: 1.2, 4: 2.0}, max_batch_s=1.5) == 2
+    assert choose_batch_size({1: 3.0, 2: 3.1}, max_batch_s=1.0) == 1  # batch 1 is always possible
+    assert choose_batch_size({}) == 1
+
+
+def test_profile_times_each_batch_size_up_to_the_maximum():
+    shapes = []
+
+    def run(x):
+        shapes.append(x.shape)
+        return None
+
+    seconds = profile_batches(run, (32, 48), 6, repeats=2)
+    assert sorted(seconds) == [1, 2, 4, 6] and all(t >= 0 for t in seconds.values())
+    assert shapes.count((4, 3, 32, 48)) == 3  # one unmeasured pass, then the repeats

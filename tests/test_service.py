@@ -58,7 +58,7 @@ def decode_rle(segment: dict) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(start_server):
     return start_server(
-        "--max-batch-size", "4", "--max-batch-delay-ms", "150",
+        "--max-batch-size", "4", "--max-batch-delay-ms", "150", "--no-batch-profile",
         env={"M2F_MAX_BODY_BYTES": str(MAX_BODY), "M2F_MAX_PIXELS": str(MAX_PIXELS)},
     )  # fmt: skip
 
@@ -311,7 +311,15 @@ def test_metrics_exposes_the_documented_names(server):
 def test_queue_full_deadline_and_disconnect(start_server):
     """Batches wait 3 s to fill but requests time out after 1 s; two requests fit in the queue."""
     server = start_server(
-        "--max-queue", "2", "--max-batch-size", "8", "--max-batch-delay-ms", "3000", "--request-timeout-s", "1"
+        "--max-queue",
+        "2",
+        "--max-batch-size",
+        "8",
+        "--max-batch-delay-ms",
+        "3000",
+        "--request-timeout-s",
+        "1",
+        "--no-batch-profile",
     )
     data = encode(sample_image(0))
     with ThreadPoolExecutor(2) as pool:
@@ -414,7 +422,9 @@ def test_drain_timeout_answers_open_requests_in_json(start_server):
     """SIGTERM with a request waiting for its batch (which would wait 20 s) and an upload stalled: at the
     1 s drain timeout both get a JSON 503 'draining', the log has one line each and no traceback, and
     the process exits."""
-    server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "20000", env={"M2F_DRAIN_TIMEOUT_S": "1"})
+    server = start_server(
+        "--max-batch-size", "8", "--max-batch-delay-ms", "20000", "--no-batch-profile", env={"M2F_DRAIN_TIMEOUT_S": "1"}
+    )
     head = "POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
     with ThreadPoolExecutor(1) as pool, socket.create_connection(("127.0.0.1", server.port)) as stalled:
         waiting = pool.submit(post, server, encode(sample_image(2)))
@@ -433,7 +443,7 @@ def test_drain_timeout_answers_open_requests_in_json(start_server):
 
 
 def test_sigterm_drains_accepted_requests(start_server):
-    server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "1500")
+    server = start_server("--max-batch-size", "8", "--max-batch-delay-ms", "1500", "--no-batch-profile")
     data = encode(sample_image(2))
     with ThreadPoolExecutor(3) as pool:
         accepted = [pool.submit(post, server, data) for _ in range(3)]
