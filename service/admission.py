@@ -5,7 +5,10 @@ admitted, and then this one, are answered -- fits in a share of the time the req
 prediction is the measured cost of one request alone (``latency_s``: its forward pass per image plus its
 decoding, post-processing and encoding) plus the measured time between answers while the server is busy
 (``interval_s``, the inverse of its throughput, contention included) for each request ahead of it. Both
-are moving averages; the warm-up seeds them. A wrong guess costs a 503 with Retry-After, not a 504.
+are moving averages; the warm-up seeds them. What this model leaves out (the event loop reading many
+uploads, other processes on the cores) is learnt from the answers: each admitted request's real time from
+admission to answer is compared with what was predicted for it, and the predictions are scaled by the
+moving average of that ratio (``calibration``, at least 1). A wrong guess costs a 503, not a 504.
 
 No asyncio, HTTP or model here: the unit tests drive it with a fake clock.
 """
@@ -30,6 +33,7 @@ class Capacity:
         self.forward_s = 0.0  # forward pass per image
         self.cpu_s = 0.0  # decoding + post-processing + encoding per request (their running time)
         self.interval_s = 0.0  # between two answers while busy
+        self.calibration = 1.0  # real / predicted time of admitted requests (moving average, >= 1)
         self._last_answer: float | None = None
         self._busy_since: float | None = None
 
@@ -50,10 +54,13 @@ class Capacity:
         if admitted_before == 0:
             self._busy_since = self.clock()
 
-    def on_answered(self, cpu_s: float) -> None:
-        """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool."""
+    def on_answered(self, cpu_s: float, admitted_at: float | None = None, predicted_s: float | None = None) -> None:
+        """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool; ``admitted_at`` (clock
+        time) and ``predicted_s`` (what :meth:`predicted_s` said then) calibrate later predictions."""
         now = self.clock()
         self.cpu_s = _average(self.cpu_s, cpu_s)
+        if admitted_at is not None and predicted_s:
+            self.calibration = max(1.0, _average(self.calibration, (now - admitted_at) / predicted_s))
         if self._busy_since is not None:  # the time since the later of: the last answer, becoming busy
             since = max(self._busy_since, self._last_answer if self._last_answer is not None else self._busy_since)
             self.interval_s = _average(self.interval_s, now - since)
@@ -61,4 +68,4 @@ class Capacity:
 
     def predicted_s(self, ahead: int) -> float:
         """Seconds until a request let in now is answered, with ``ahead`` requests admitted before it."""
-        return self.latency_s + ahead * max(self.interval_s, 0.0)
+        return self.calibration * (self.latency_s + ahead * max(self.interval_s, 0.0))
