@@ -1,5 +1,6 @@
 """The ``m2f`` command line: ``predict``, ``synth`` (synthetic dataset), ``eval`` (PQ / AP / mIoU), ``export onnx``,
-``serve`` (the HTTP service), ``convert`` (a detectron2 checkpoint to an HF-format folder)."""
+``serve`` (the HTTP service), ``convert`` (a detectron2 checkpoint to an HF-format folder), ``batch`` (bulk
+segmentation on Ray Data)."""
 
 from __future__ import annotations
 
@@ -118,14 +119,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", type=Path, help="HF checkpoint folder or detectron2 .pkl/.pth file; default: the demo model"
     )
     p.add_argument("--labels", help=LABELS_HELP)
-    p.add_argument("--data", type=Path, required=True, help="dataset folder")
-    p.add_argument("--task", choices=TASKS, default="panoptic")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder (m2f synth's layout, or COCO's)")
+    p.add_argument("--split", help="the split of a COCO-layout folder (val2017, ...) when it holds several")
+    p.add_argument(
+        "--task", choices=TASKS, help="default: panoptic; with --model/--report: every task the data has labels for"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="[LABEL=]PATH[@DEVICE]",
+        help="repeatable: compare backends (HF folder or detectron2 file in PyTorch, .onnx file fp32/fp16/int8 in ONNX "
+        "Runtime) on the same images, the first being the reference",
+    )
+    p.add_argument("--report", type=Path, metavar="DIR", help="write report.json and report.html (with pictures) here")
+    p.add_argument("--worst", type=int, default=8, help="images listed per ranking in the report (8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--onnx", type=Path, help="evaluate this exported .onnx file in ONNX Runtime instead of --weights")
+    p.add_argument("--predictions", help="score a finished `m2f batch` output (folder or URI) instead of a model")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser(
+        "batch",
+        help="segment a folder, glob or manifest of images with Ray Data (resumable, sharded COCO or Parquet)",
+        description="Segment every image of INPUT on Ray Data: a local Ray started here, or the cluster at --address. "
+        "Writes sharded COCO results (panoptic: JSON + PNGs) or Parquet, errors.jsonl and _SUCCESS; running the "
+        "same command again skips finished shards.",
+    )
+    p.add_argument("input", help="a folder (recursive), a glob ('imgs/**/*.jpg') or a manifest (.txt/.csv/.parquet)")
+    p.add_argument("--output", "-o", required=True, help="output folder (local path or URI, e.g. s3://bucket/out)")
+    p.add_argument("--model", type=Path, help="HF checkpoint folder, detectron2 file or .onnx file (default: demo)")
+    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (one inference actor per GPU)")
+    p.add_argument("--task", choices=TASKS, help="default: the model's (panoptic with things and stuff)")
+    p.add_argument("--format", choices=("coco", "parquet"), default="coco")
+    p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per output shard (1000)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 4 on CPU, 8 on GPU)")
+    p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, or per 8 cores of a node)")
+    p.add_argument("--threads", type=int, help="intra-op threads per actor (default: node cores / actors - 1)")
+    p.add_argument("--bucket-px", type=int, default=128, help="batch images whose padded sizes round to the same")
+    p.add_argument("--threshold", type=float, help="score threshold (default: the model's; instance: 0)")
+    p.add_argument("--overlap-mask-area-threshold", type=float, help="panoptic: min visible/own mask area")
+    p.add_argument("--max-instances", type=int, default=100, help="instance: top-k (query, class) pairs")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="larger images are errors (header check)")
+    p.add_argument("--max-shards", type=int, help="stop after this many new shards (run again to continue)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=_batch)
 
     p = sub.add_parser(
         "serve",
@@ -144,11 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default 8000)")
     p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 4)")
     p.add_argument("--max-batch-delay-ms", type=float, help="how long a request waits for a batch to fill (5)")
+    p.add_argument(
+        "--batch-profile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the forward pass by batch size at start-up; batch only where it raises throughput (on)",
+    )
     p.add_argument("--max-queue", type=int, help="requests admitted at once; more get 503 (32)")
     p.add_argument("--request-timeout-s", type=float, help="requests not answered by then get 504 (30)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
     p.add_argument("--cache-dir", type=Path, help="ONNX Runtime optimized-graph cache folder")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--log-format", choices=("text", "json"), help="json: one JSON object per log line (text)")
     p.set_defaults(run=_serve)
 
     p = sub.add_parser(
@@ -214,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")
-    names += ("request_timeout_s", "threads", "cache_dir", "log_level")
+    names += ("request_timeout_s", "threads", "cache_dir", "log_level", "log_format", "batch_profile")
     try:
         settings = Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     except ValidationError as e:
@@ -222,9 +273,25 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(settings)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    from mask2former import bulk
+
+    return bulk.run(args)
+
+
 def _eval(args: argparse.Namespace) -> int:
     from mask2former import evaluate
 
+    if args.model or args.report is not None:
+        if getattr(args, "predictions", None) is not None:
+            raise ValueError("--predictions scores a finished job; leave out --model and --report")
+        if args.model and (args.weights or args.onnx):
+            raise ValueError("give every backend as --model (--weights/--onnx evaluate one model)")
+        from mask2former import eval_report
+
+        return eval_report.run(args)
+    if args.task is None and getattr(args, "predictions", None) is None:
+        args.task = "panoptic"
     return evaluate.run(args)
 
 
