@@ -325,9 +325,6 @@ def instance_rles(
                 probs = _sigmoid_(logits)  # in place
                 probs *= fg
                 inside += probs.reshape(u, h * s).sum(1, dtype=np.float64)
-        else:
-            runs = rle.StripRuns(0, oh, ow)
-            runs.add(np.zeros((0, oh, ow), dtype=bool))
         rles = runs.rles()  # (U,)
         mask_scores = inside.astype(np.float32) / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
         scores = class_scores * mask_scores[inverse]  # (k',) float32

@@ -82,7 +82,7 @@ class StripRuns:
         self._columns += s
 
     def rles(self) -> list[dict[str, Any]]:
-        if self._columns != self.width:
+        if self._columns != self.width and self.n > 0:  # no masks: nothing to add
             raise ValueError(f"{self._columns} of {self.width} columns were added")
         strips = list(zip(self._positions, self._bounds, strict=True))
         return [

@@ -87,7 +87,6 @@ class ServiceState:
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
         # Request work (decode, post-processing): a pool that keeps the request id on the worker's log lines.
         self.cpu_pool = ContextThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
-        self.recent_batch_s = 1.0  # moving average of batch time, for Retry-After
         self.capacity = Capacity()  # measured cost per request, for admission
         self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
         self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
@@ -144,7 +143,6 @@ class ServiceState:
     def _on_batch(self, n: int, seconds: float) -> None:
         self.metrics.batch_size.observe(n)
         self.metrics.inference_duration.observe(seconds)
-        self.recent_batch_s = 0.8 * self.recent_batch_s + 0.2 * seconds
         self.capacity.on_batch(n, seconds)
 
     def _on_depth(self, n: int) -> None:

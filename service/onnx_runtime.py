@@ -97,7 +97,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     # Idle intra-op threads sleep instead of spinning: the service decodes and post-processes in other
     # threads on the same cores, and spinning threads take their time. Demo model, 2 cores, 2 busy numpy
-    # threads beside it: 131 ms per forward pass without spinning, 199 ms with; alone: the same (54/55 ms).
+    # threads beside it: 72-74 ms per forward pass without spinning, 99-102 ms with; alone about the same
+    # (bench/spin_wait.py, BENCHMARKS.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 

@@ -73,8 +73,9 @@ class TorchRunner:
     def __init__(self, path: str | Path | None = None, device: str = "cpu", threads: int | None = None):
         # OpenMP threads that wait passively: torch's default, spinning, starves (and is starved by) the
         # service's decode/post-processing threads on the same cores. Demo model, 2 cores, 2 busy numpy
-        # threads beside it: 89 ms per forward pass passive, 1161 ms spinning. Read when torch first loads
-        # OpenMP, so it holds where this runner is the first to import torch (``m2f serve``, ``m2f batch``).
+        # threads beside it: 92-174 ms per forward pass passive, 387-614 ms spinning; alone, passive is
+        # slower (77-88 vs 36-45 ms): a trade-off for load (bench/spin_wait.py, BENCHMARKS.md). Read when
+        # torch first loads OpenMP, so it holds where this runner is the first to import torch.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch  # lazy: the torch runtime is optional (the ONNX Runtime path runs without it)
 
