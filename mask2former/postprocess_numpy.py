@@ -16,6 +16,7 @@ logits, never (queries, H, W). Instance masks come out as COCO RLE built strip b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -102,6 +103,17 @@ def _bands(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first, last
 
 
+@functools.lru_cache(maxsize=64)
+def _axis(padded_in: int, resized: int, original: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One axis' resize matrix and its bands (read-only), cached: a service sees the same sizes again and
+    again, and building them costs a few ms at 1333 px."""
+    matrix = _resize_matrix(padded_in, resized, original)
+    out = (matrix, *_bands(matrix))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
 class Resize:
     """The x4 + crop + resize of one image's mask logits, evaluated column strip by column strip.
 
@@ -113,18 +125,20 @@ class Resize:
     def __init__(self, logit_size: Size, resized_size: Size, original_size: Size):
         h, w = logit_size
         (rh, rw), (self.height, self.width) = check_sizes((h, w), resized_size, original_size)
-        self.ah = _resize_matrix(h, rh, self.height)  # (H, hc)
-        self.aw = _resize_matrix(w, rw, self.width)  # (W, wc)
-        self.h_first, self.h_last = _bands(self.ah)
-        self.w_first, self.w_last = _bands(self.aw)
+        self.ah, self.h_first, self.h_last = _axis(h, rh, self.height)  # (H, hc), (H,), (H,)
+        self.aw, self.w_first, self.w_last = _axis(w, rw, self.width)  # (W, wc), (W,), (W,)
 
     def strip_width(self, planes: int, max_bytes: float) -> int:
         """Columns per strip so that (planes, H, S) float32 fits in ``max_bytes`` (at least 1)."""
         return int(max(1, min(self.width, max_bytes // max(planes * self.height * 4, 1))))
 
-    def strips(self, mask_logits: np.ndarray, max_bytes: float = float("inf")) -> Iterator[tuple[int, int, np.ndarray]]:
+    def strips(
+        self, mask_logits: np.ndarray, max_bytes: float = float("inf"), column_major: bool = False
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
         """(N, h, w) mask logits -> (c0, c1, (N, H, c1 - c0) float32 logits) for consecutive column strips.
 
+        With ``column_major``, each strip is (N, c1 - c0, H) instead: column by column, the pixel order of
+        COCO RLE, so that run-length encoding reads it as is (no transposed copy of a full-size strip).
         Every strip is written into the same buffer (callers may modify it in place): copy what you keep.
         """
         hc, wc = self.ah.shape[1], self.aw.shape[1]
@@ -133,28 +147,44 @@ class Resize:
             x = x.astype(np.float32)
         if not np.isfinite(x).all():
             x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)  # NaN -> 0 (torch: NaN)
+        if column_major:
+            x = np.ascontiguousarray(x.transpose(0, 2, 1))  # (N, wc, hc), small: the logits at stride 4
+            ah_t = np.ascontiguousarray(self.ah.T)  # (hc, H)
         n, height = x.shape[0], self.height
         step = self.strip_width(n, max_bytes)
         buffer = np.empty(n * height * step, dtype=np.float32)  # one strip's memory, reused by every strip
         for c0 in range(0, self.width, step):
             c1 = min(c0 + step, self.width)
             lo, hi = int(self.w_first[c0:c1].min()), int(self.w_last[c0:c1].max())
-            t = np.matmul(x[:, :, lo:hi], self.aw[c0:c1, lo:hi].T)  # (N, hc, S)
-            out = buffer[: n * height * (c1 - c0)].reshape(n, height, c1 - c0)  # (N, H, S) contiguous
+            if column_major:
+                t = np.matmul(self.aw[c0:c1, lo:hi], x[:, lo:hi])  # (N, S, hc)
+                out = buffer[: n * height * (c1 - c0)].reshape(n, c1 - c0, height)  # (N, S, H) contiguous
+            else:
+                t = np.matmul(x[:, :, lo:hi], self.aw[c0:c1, lo:hi].T)  # (N, hc, S)
+                out = buffer[: n * height * (c1 - c0)].reshape(n, height, c1 - c0)  # (N, H, S) contiguous
             for r0 in range(0, height, _ROW_BLOCK):
                 r1 = min(r0 + _ROW_BLOCK, height)
                 a0, a1 = int(self.h_first[r0:r1].min()), int(self.h_last[r0:r1].max())
-                out[:, r0:r1] = np.matmul(self.ah[r0:r1, a0:a1], t[:, a0:a1])  # (N, B, S)
+                if column_major:
+                    np.matmul(t[:, :, a0:a1], ah_t[a0:a1, r0:r1], out=out[:, :, r0:r1])  # (N, S, B)
+                else:
+                    np.matmul(self.ah[r0:r1, a0:a1], t[:, a0:a1], out=out[:, r0:r1])  # (N, B, S)
             yield c0, c1, out
 
 
 def logit_strips(
-    mask_logits: np.ndarray, resized_size: Size, original_size: Size, max_bytes: float | None = None
+    mask_logits: np.ndarray,
+    resized_size: Size,
+    original_size: Size,
+    max_bytes: float | None = None,
+    column_major: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """One image's (N, h, w) logits -> (c0, c1, (N, H, S) logits at the original size) per column strip
-    of at most ``max_bytes`` (default: ``STRIP_BYTES``), in one reused buffer (see :meth:`Resize.strips`)."""
+    of at most ``max_bytes`` (default: ``STRIP_BYTES``), in one reused buffer; (N, S, H) with
+    ``column_major`` (see :meth:`Resize.strips`)."""
     x = np.asarray(mask_logits)
-    return Resize(x.shape[-2:], resized_size, original_size).strips(x, STRIP_BYTES if max_bytes is None else max_bytes)
+    size = STRIP_BYTES if max_bytes is None else max_bytes
+    return Resize(x.shape[-2:], resized_size, original_size).strips(x, size, column_major)
 
 
 def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: Size) -> np.ndarray:
@@ -317,14 +347,15 @@ def instance_rles(
         fg_area = np.zeros(len(uniq), dtype=np.int64)  # (U,)
         inside = np.zeros(len(uniq), dtype=np.float64)  # (U,) sum of sigmoid over the mask
         if len(uniq):
-            for _, _, logits in logit_strips(mask_logits[i, uniq], resized_sizes[i], original_sizes[i]):
-                u, h, s = logits.shape  # (U, H, S)
+            strips = logit_strips(mask_logits[i, uniq], resized_sizes[i], original_sizes[i], column_major=True)
+            for _, _, logits in strips:
+                u, s, h = logits.shape  # (U, S, H): column-major, as RLE reads it
                 fg = logits > 0
                 runs.add(fg)
-                fg_area += np.count_nonzero(fg.reshape(u, h * s), axis=1)
+                fg_area += np.count_nonzero(fg.reshape(u, s * h), axis=1)
                 probs = _sigmoid_(logits)  # in place
                 probs *= fg
-                inside += probs.reshape(u, h * s).sum(1, dtype=np.float64)
+                inside += probs.reshape(u, s * h).sum(1, dtype=np.float64)
         rles = runs.rles()  # (U,)
         mask_scores = inside.astype(np.float32) / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
         scores = class_scores * mask_scores[inverse]  # (k',) float32

@@ -8,8 +8,8 @@ the lengths into its string form (``frPyObjects``), so the strings are pycocotoo
 
 - :func:`id_map_rles`: every segment of an (H, W) id map (panoptic ids, semantic classes) in one
   column-major pass over the map, instead of one (H, W) boolean mask and one encode per segment.
-- :class:`StripRuns`: N overlapping masks (instances) given as consecutive column strips (N, H, S), so
-  that no (N, H, W) array ever exists.
+- :class:`StripRuns`: N overlapping masks (instances) given as consecutive column strips, column-major
+  (N, S, H), so that no (N, H, W) array ever exists.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def id_map_rles(id_map: np.ndarray, ids: Sequence[int]) -> list[dict[str, Any]]:
 class StripRuns:
     """Run boundaries of ``n`` masks of size ``height`` x ``width``, fed as consecutive column strips.
 
-    ``add(strip)`` takes a (n, height, S) bool strip of the next S columns; ``rles()`` returns the n COCO
-    RLEs once all ``width`` columns are in. Memory: the boundaries, plus one (n, S*height) copy per strip.
+    ``add(columns)`` takes the next S columns as an (n, S, height) bool array (column-major: ``columns[i, c]``
+    is column c of mask i, the pixel order of COCO RLE); ``rles()`` returns the n COCO RLEs once all
+    ``width`` columns are in. Memory: the boundaries, plus one (n, S*height) difference per strip.
     """
 
     def __init__(self, n: int, height: int, width: int):
@@ -66,19 +67,25 @@ class StripRuns:
         self._positions: list[np.ndarray] = []  # per strip: (t,) column-major positions of its boundaries
         self._bounds: list[np.ndarray] = []  # per strip: (n+1,) mask i's boundaries are positions[b[i]:b[i+1]]
 
-    def add(self, strip: np.ndarray) -> None:
-        n, h, s = strip.shape
+    def add(self, columns: np.ndarray) -> None:
+        n, s, h = columns.shape
         if n != self.n or h != self.height or self._columns + s > self.width:
-            raise ValueError(f"strip {strip.shape} does not continue masks of {self.n} x {self.height} x {self.width}")
-        flat = np.empty((n, s * h + 1), dtype=bool)  # (n, 1 + S*H): the previous pixel, then the strip
-        flat[:, 0] = self._last
-        flat[:, 1:] = strip.transpose(0, 2, 1).reshape(n, s * h)
-        plane, pos = np.nonzero(flat[:, 1:] != flat[:, :-1])  # (t,), (t,): by mask, then by position
+            raise ValueError(
+                f"columns {columns.shape} do not continue masks of {self.n} x {self.height} x {self.width} "
+                "(expected (n, columns, height))"
+            )
+        flat = np.ascontiguousarray(columns).reshape(n, s * h)  # (n, S*H): the pixels in RLE order
+        change = np.empty((n, s * h), dtype=bool)  # (n, S*H): pixel differs from the one before it
+        if s * h:
+            np.not_equal(flat[:, 0], self._last, out=change[:, 0])
+            np.not_equal(flat[:, 1:], flat[:, :-1], out=change[:, 1:])
+            self._last = flat[:, -1].copy()
+        # One flat index per boundary (the 2-D np.nonzero is several times slower), by mask, then by position.
+        plane, pos = np.divmod(np.flatnonzero(change), max(s * h, 1))  # (t,), (t,)
         offset = self._columns * h
         dtype = np.int32 if self.height * self.width < 2**31 else np.int64
         self._positions.append((pos + offset).astype(dtype))
         self._bounds.append(np.searchsorted(plane, np.arange(n + 1)))
-        self._last = flat[:, -1].copy()
         self._columns += s
 
     def rles(self) -> list[dict[str, Any]]:

@@ -287,6 +287,9 @@ def test_strips_equal_one_resize(case):
             assert all(p[2].nbytes <= max(max_bytes, p[2].shape[0] * p[2].shape[1] * 4) for p in parts)
             joined = np.concatenate([p[2] for p in parts], axis=2)
             np.testing.assert_allclose(joined, whole, rtol=0, atol=LOGIT_TOL)
+            columns = [out.copy() for _, _, out in nq.logit_strips(x, resized[i], original[i], max_bytes, True)]
+            joined = np.concatenate(columns, axis=1)  # (Q, W, H): column-major strips
+            np.testing.assert_allclose(joined.transpose(0, 2, 1), whole, rtol=0, atol=LOGIT_TOL)
 
 
 def test_some_panoptic_cases_have_segments_and_merged_stuff():

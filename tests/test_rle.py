@@ -34,7 +34,7 @@ def test_strip_runs_equal_dense_encode(seed):
     runs, c = StripRuns(n, h, w), 0
     while c < w:
         s = int(rng.integers(1, 6))
-        runs.add(masks[:, :, c : c + s])
+        runs.add(masks[:, :, c : c + s].transpose(0, 2, 1))  # (n, S, H): column-major
         c += s
     rles = runs.rles()
     assert [r["counts"] for r in rles] == [oracle(m) for m in masks]
@@ -44,10 +44,12 @@ def test_strip_runs_equal_dense_encode(seed):
 def test_strip_runs_refuse_wrong_strips():
     runs = StripRuns(2, 4, 3)
     with pytest.raises(ValueError):
-        runs.add(np.zeros((3, 4, 1), bool))
-    runs.add(np.zeros((2, 4, 2), bool))
+        runs.add(np.zeros((3, 1, 4), bool))
+    with pytest.raises(ValueError):
+        runs.add(np.zeros((2, 4, 2), bool))  # (n, H, S): not column-major
+    runs.add(np.zeros((2, 2, 4), bool))
     with pytest.raises(ValueError, match="1 of|2 of"):
         runs.rles()
     with pytest.raises(ValueError):
-        runs.add(np.zeros((2, 4, 2), bool))
+        runs.add(np.zeros((2, 2, 4), bool))
     assert decode([], (4, 3)).shape == (0, 4, 3)
