@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds the app; the model loads and warms up in the background after start-up
 (``/healthz`` answers at once, ``/readyz`` once the model is ready). A segmentation request:
 
-1. reads the body (``image/*`` or ``application/octet-stream`` raw, or a multipart field ``image``) under
+1. reads the body (raw JPEG, PNG, WebP, BMP, TIFF or octet-stream, or a multipart field ``image``; else 415) under
    the upload limits, not the compute ones: at most ``max_uploads`` bodies at once (503), each within
    ``upload_timeout_s`` and never idle for ``upload_idle_timeout_s`` (408), up to ``max_body_bytes`` (413),
    so that no number of slow or stalled clients can hold the compute slots;
@@ -40,9 +40,10 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mask2former.processing import ImageTooLarge, UnsupportedImageFormat
 from service import pipeline
@@ -52,8 +53,9 @@ from service.docs import add_offline_docs
 from service.errors import HTTPError, error_response
 from service.logs import ContextThreadPoolExecutor, RequestIdMiddleware, configure_logging
 from service.metrics import Metrics
+from service.openapi import METRICS_RESPONSES, MODEL_RESPONSES, READINESS_RESPONSES, SEGMENT_BODY, SEGMENT_RESPONSES
 from service.runtime import Runner, default_side, open_runner
-from service.schemas import ErrorResponse, ModelInfo, SegmentResponse, Task
+from service.schemas import Health, ModelInfo, Readiness, SegmentResponse, Task
 from service.settings import Settings
 from service.uploads import UploadLimits, image_bytes
 
@@ -341,17 +343,27 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
         return error_response(exc.status, exc.reason, exc.message, exc.headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405 + Allow
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, reason, str(exc.detail), exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         state.metrics.rejections.labels("bad_request").inc()
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         return error_response(422, "bad_request", "; ".join(parts))
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @app.get("/healthz", summary="Liveness: the process answers", response_model=Health)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: model loaded and warmed up, not draining")
+    @app.get(
+        "/readyz",
+        summary="Readiness: model loaded and warmed up, not draining",
+        response_model=Readiness,
+        responses=READINESS_RESPONSES,
+    )
     async def readyz() -> JSONResponse:
         ok = state.ready and not state.draining
         body: dict[str, Any] = {"ready": ok, "draining": state.draining}
@@ -359,7 +371,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
             body["error"] = str(state.load_error)
         return JSONResponse(body, 200 if ok else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -369,7 +381,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     async def web_page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": WEB_CSP})
 
-    @app.get("/v1/model", response_model=ModelInfo, responses={503: {"model": ErrorResponse}})
+    @app.get("/v1/model", response_model=ModelInfo, responses=MODEL_RESPONSES)
     async def model_info() -> dict[str, Any]:
         if state.runner is None or not state.ready:
             raise HTTPError(503, "not_ready", "the model is still loading")
@@ -405,24 +417,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
             "runner": runner.describe(),
         }
 
-    body_doc = {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "image/*": {"schema": {"type": "string", "format": "binary"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "properties": {"image": {"type": "string", "format": "binary"}},
-                        "required": ["image"],
-                    }
-                },
-            },
-        }
-    }
-    errors = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 500, 503, 504)}
-
-    @app.post("/v1/segment", response_model=SegmentResponse, responses=errors, openapi_extra=body_doc)
+    @app.post("/v1/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
     async def segment(
         request: Request,
         task: Annotated[Task | None, Query(description="default: the model's (panoptic with things and stuff)")] = None,

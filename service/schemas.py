@@ -77,3 +77,13 @@ class ModelInfo(BaseModel):
     defaults: dict = Field(description="post-processing defaults of the checkpoint")
     batching: dict = Field(description="max batch size and delay, bucket size")
     runner: dict = Field(description="what the runtime reports about itself")
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = Field(description="always ok: the process answers")
+
+
+class Readiness(BaseModel):
+    ready: bool = Field(description="the model is loaded and warmed up and the server is not draining")
+    draining: bool = Field(description="the server got SIGTERM and admits no new requests")
+    error: str | None = Field(None, description="why the model failed to load (only then present)")

@@ -1,6 +1,6 @@
 """Reading a request's image under the upload limits: size (413), total time and idle time (408), body or
-multipart field. No compute and no admission here: the app counts concurrent uploads and takes a compute
-slot only once :func:`image_bytes` has returned."""
+multipart field, and only in the accepted Content-Types (415). No compute and no admission here: the app
+counts concurrent uploads and takes a compute slot only once :func:`image_bytes` has returned."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service.errors import HTTPError
+
+# The Content-Types of a raw image body: one per format the decoder accepts (service.pipeline.ALLOWED_FORMATS),
+# plus application/octet-stream. The format is read from the data, so a body in another accepted format than
+# its Content-Type names is still decoded; a Content-Type not listed here is refused before the body is read.
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")
+RAW_MEDIA_TYPES = (*IMAGE_MEDIA_TYPES, "application/octet-stream")
+MULTIPART = "multipart/form-data"  # the image in its file field IMAGE_FIELD
+IMAGE_FIELD = "image"
+MAX_FORM_FIELDS = 16  # text fields besides the one file IMAGE_FIELD (ignored; more is a malformed body, 400)
+ACCEPTED_MEDIA_TYPES = (*RAW_MEDIA_TYPES, MULTIPART)
 
 
 @dataclass(frozen=True)
@@ -53,18 +63,18 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
 
 
 async def image_bytes(request: Request, limits: UploadLimits) -> bytes:
-    """The encoded image: the raw body (``image/*``, ``application/octet-stream``) or multipart field ``image``."""
+    """The encoded image: the raw body (one of ``RAW_MEDIA_TYPES``) or the multipart field ``image``."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (ctype.startswith("image/") or ctype in ("application/octet-stream", "multipart/form-data")):
+    if ctype not in ACCEPTED_MEDIA_TYPES:
         raise HTTPError(
             415,
             "unsupported_media_type",
-            f"Content-Type {ctype or '(none)'} not accepted: send the image as the body (image/*) or as the "
-            "multipart/form-data field 'image'",
+            f"Content-Type {ctype or '(none)'} not accepted: send the image as the body ({', '.join(RAW_MEDIA_TYPES)}) "
+            f"or as the {MULTIPART} field '{IMAGE_FIELD}'",
         )
     limit = limits.max_bytes
     body = await read_body(request, limits)
-    if ctype != "multipart/form-data":
+    if ctype != MULTIPART:
         if not body:
             raise HTTPError(400, "bad_image", "empty body")
         return body
@@ -73,12 +83,14 @@ async def image_bytes(request: Request, limits: UploadLimits) -> bytes:
         yield body
 
     try:
-        form = await MultiPartParser(request.headers, once(), max_files=1, max_fields=16, max_part_size=limit).parse()
+        form = await MultiPartParser(
+            request.headers, once(), max_files=1, max_fields=MAX_FORM_FIELDS, max_part_size=limit
+        ).parse()
     except MultiPartException as e:
         raise HTTPError(400, "bad_request", f"malformed multipart body: {e.message}") from None
-    field = form.get("image")
+    field = form.get(IMAGE_FIELD)
     if field is None or isinstance(field, str):
-        raise HTTPError(400, "bad_request", "multipart body has no file field 'image'")
+        raise HTTPError(400, "bad_request", f"multipart body has no file field '{IMAGE_FIELD}'")
     data = await field.read()
     await form.close()
     if not data:
