@@ -10,8 +10,9 @@ Images are written by ``m2f synth`` into a temporary folder. The three ways, eac
 - service: ``m2f serve`` on 127.0.0.1 (batching on: 4 images, 5 ms), ``--concurrency`` client threads
   posting the images; timed from the first request to the last answer (model loading not included);
 - batch: ``m2f batch`` as a user runs it (a subprocess: a local Ray started, actors loading the model, COCO
-  shards written), timed by its own summary, which includes starting Ray and the actors; and its rate over
-  the second half of the images, which is what a long job runs at (use enough images for that to mean much).
+  shards written), timed by its own summary, which includes starting Ray and the actors; and its steady rate,
+  from its first delivery of results to its last, which is what a long job runs at (use enough images for
+  that to mean much).
 
 The clients share the cores with the server, as in any loopback test; all three use the machine's cores.
 """
@@ -82,7 +83,7 @@ def service(model: str | None, paths: list[Path], task: str, concurrency: int) -
 
 
 def batch(model: str | None, folder: Path, out: Path, task: str, num_cpus: int | None) -> dict[str, float]:
-    """``m2f batch`` in a subprocess: its summary (with the start-up and the rate over the second half)."""
+    """``m2f batch`` in a subprocess: its summary (with the start-up and the steady rate)."""
     cmd = [sys.executable, "-m", "mask2former.cli", "batch", str(folder), "-o", str(out), "--task", task, "--json"]
     if model:
         cmd += ["--model", model]
@@ -99,7 +100,7 @@ def batch(model: str | None, folder: Path, out: Path, task: str, num_cpus: int |
         "images_per_s": summary["images_per_s"],
         "process_wall_s": total,
         "first_result_s": summary["first_result_s"],
-        "second_half_images_per_s": summary["second_half_images_per_s"],
+        "steady_images_per_s": summary["steady_images_per_s"],
     }
 
 
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         results["batch"] = batch(args.model, data / "images", Path(tmp) / "out", args.task, args.num_cpus)
         b = results["batch"]
-        steady = f"{b['second_half_images_per_s']:.2f}" if b["second_half_images_per_s"] else "-"
+        steady = f"{b['steady_images_per_s']:.2f}" if b["steady_images_per_s"] else "-"
         print(
-            f"m2f batch:                  {b['images_per_s']:6.2f} img/s over {b['wall_s']:.1f} s with Ray start-up; {steady} img/s over the second half"
+            f"m2f batch:                  {b['images_per_s']:6.2f} img/s over {b['wall_s']:.1f} s with Ray start-up; {steady} img/s steady (after the first results)"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")

@@ -19,7 +19,8 @@ decoder's residual updates are scaled by 0.1 (queries keep their identity) and t
 spread over 0.3-0.9 like a trained model's; about 20 of 100 queries pass 0.8). The compute is the same.
 
 The naive server is ``bench/naive_server.py`` (image processor, model, HF post-processing, pycocotools RLE,
-one image at a time); ``m2f serve`` runs with its default batching (up to 4 images, 5 ms). Both get the same
+one image at a time); ``m2f serve`` runs with its default batching (up to 4 images, 5 ms; its start-up
+profile picks the largest batch that pays, reported per row with the mean batch it ran). Both get the same
 ``--threshold`` and ``--overlap-mask-area-threshold`` (default 0.8 and 0.8, the service's) with every
 request; each row reports its mean segments per image, and a row whose count differs from the naive
 server's by more than 2x (or where either is zero) is marked void.
@@ -268,6 +269,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "images_per_s": len(latencies) / sum(r["wall_s"] for r in runs),
         "images_per_s_by_round": [round(len(r["latencies"]) / r["wall_s"], 3) for r in runs],
         "mean_segments": float(np.mean(segments)) if segments else 0.0,
+        "batching": runs[-1].get("batching"),  # m2f serve: chosen max batch, profile, mean batch run
     }
     row.update(
         percentiles(latencies)
@@ -288,6 +290,20 @@ def compare_to_naive(rows: list[dict[str, Any]]) -> None:
             continue
         a, b = r["mean_segments"], ref["mean_segments"]
         r["void"] = bool(a == 0 or b == 0 or max(a / b, b / a) > SEGMENT_RATIO_LIMIT)
+
+
+def batching(proc: NaiveServer | Server, before: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``m2f serve``'s batching: the largest batch its start-up profile chose, the profile (seconds per pass by
+    batch size) and, given the state ``before`` a measurement, the mean batch it ran since. None for naive."""
+    if not isinstance(proc, Server):
+        return None
+    info = httpx.get(proc.base + "/v1/model", timeout=30).json()["batching"]
+    total, count = proc.batch_sizes()
+    out = {"max_batch_size": info["max_batch_size"], "profile_s": info["profile_s"], "sum": total, "count": count}
+    if before is not None:
+        done = count - before["count"]
+        out["mean_batch"] = (total - before["sum"]) / done if done else None
+    return out
 
 
 def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Path]) -> tuple[list[dict[str, Any]], str]:
@@ -312,7 +328,9 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
                 image_processor = getattr(proc, "image_processor", image_processor)
                 try:
                     closed_loop(proc.base, inputs[size], c, args.warmup_seconds, params)
+                    before = batching(proc)
                     run = closed_loop(proc.base, inputs[size], c, args.seconds, params)
+                    run["batching"] = batching(proc, before)
                 finally:
                     proc.stop()
                 runs.setdefault((server, size, c), []).append(run)
@@ -336,16 +354,18 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
 # ---------------------------------------------------------------------------------------------- report
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| server | photo size | clients | img/s | p50 ms | p99 ms | errors | segments/img | x naive |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | photo size | clients | img/s | p50 ms | p99 ms | errors | segments/img | batch (max / mean) | x naive |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = "" if r["ratio_vs_naive"] is None else f"{r['ratio_vs_naive']:.2f}x"
         if r["void"]:
             ratio += " (void: segment counts differ)"
+        b = r.get("batching")
+        batch = f"{b['max_batch_size']} / {b['mean_batch']:.2f}" if b and b.get("mean_batch") else "-"
         lines.append(
             f"| {r['server']} | {r['size']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['errors']} | {r['mean_segments']:.1f} | {ratio} |"
+            f"{r['p99_ms']:.0f} | {r['errors']} | {r['mean_segments']:.1f} | {batch} | {ratio} |"
         )
     return "\n".join(lines)
 

@@ -491,14 +491,15 @@ def run_batch(
 
 
 def _rates(timeline: list[tuple[int, float]], started: float) -> dict[str, float | None]:
-    """When the first results came (start-up: Ray, the actors, the model) and the rate over the second half of
-    the images (what a long job runs at)."""
+    """When the first results came (start-up: Ray, the actors, the model) and the rate from then on: the images
+    after the first delivery over the time to the last (what a long job runs at). Ray Data delivers results
+    in bursts, so a rate over a window that is not bounded by deliveries (e.g. the second half of the
+    images) over- or under-counts a burst."""
     if not timeline:
-        return {"first_result_s": None, "second_half_images_per_s": None}
-    total, end = timeline[-1]
-    done, half = next((n, t) for n, t in timeline if n >= total / 2)
-    rate = (total - done) / (end - half) if end > half else None
-    return {"first_result_s": round(timeline[0][1] - started, 3), "second_half_images_per_s": rate and round(rate, 3)}
+        return {"first_result_s": None, "steady_images_per_s": None}
+    (first_n, first_t), (total, end) = timeline[0], timeline[-1]
+    rate = (total - first_n) / (end - first_t) if end > first_t else None
+    return {"first_result_s": round(first_t - started, 3), "steady_images_per_s": rate and round(rate, 3)}
 
 
 def _summary(
@@ -525,7 +526,7 @@ def _summary(
             "errors": sum(len(m["errors"]) for m in new),
             "wall_s": round(wall, 3),
             "images_per_s": round(count / wall, 3) if wall > 0 else None,
-            **rates,  # first_result_s, second_half_images_per_s
+            **rates,  # first_result_s, steady_images_per_s
         },
     }
     if complete and (new or not job.folder.exists("_SUCCESS")):
@@ -536,7 +537,10 @@ def _summary(
 def format_summary(s: dict[str, Any]) -> str:
     r = s["this_run"]
     rate = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
-    start = f" (first results after {r['first_result_s']:.1f} s)" if r["first_result_s"] is not None else ""
+    start = f" (first results after {r['first_result_s']:.1f} s" if r["first_result_s"] is not None else ""
+    if start:
+        steady = r["steady_images_per_s"]
+        start += f", then {steady:.2f} images/s)" if steady else ")"
     lines = [
         f"this run: {r['images']} image(s) in {r['shards']} shard(s) ({r['skipped_shards']} already done) in "
         f"{r['wall_s']:.1f} s{start}, {rate} images/s; {r['segments']} segment(s), {r['errors']} error(s)",
