@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from mask2former import synth  # noqa: E402
 from service import pipeline  # noqa: E402
 from service.runtime import open_runner  # noqa: E402
 
+WAYS = ("loop", "service", "batch")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,13 +84,16 @@ def service(model: str | None, paths: list[Path], task: str, concurrency: int) -
     return {"images": ok, "errors": len(codes) - ok, "wall_s": wall, "images_per_s": ok / wall, "mean_batch": s / n}
 
 
-def batch(model: str | None, folder: Path, out: Path, task: str, num_cpus: int | None) -> dict[str, float]:
-    """``m2f batch`` in a subprocess: its summary (with the start-up and the steady rate)."""
+def batch(
+    model: str | None, folder: Path, out: Path, task: str, num_cpus: int | None, extra: str = ""
+) -> dict[str, float]:
+    """``m2f batch`` in a subprocess, with ``extra`` options: its summary (start-up and steady rate)."""
     cmd = [sys.executable, "-m", "mask2former.cli", "batch", str(folder), "-o", str(out), "--task", task, "--json"]
     if model:
         cmd += ["--model", model]
     if num_cpus:
         cmd += ["--num-cpus", str(num_cpus)]
+    cmd += shlex.split(extra)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True)
@@ -112,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", choices=pipeline.TASKS, default="panoptic")
     parser.add_argument("--concurrency", type=int, default=8, help="service clients")
     parser.add_argument("--num-cpus", type=int, help="CPUs of m2f batch's local Ray (default: all)")
+    parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="what to run (default: all)")
+    parser.add_argument(
+        "--batch-variants",
+        nargs="+",
+        default=[""],
+        metavar="OPTIONS",
+        help="m2f batch options, one run each (e.g. '' '--threads 2' '--batch-size 8'; default: one run, defaults)",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     runtime = "onnxruntime" if args.model and args.model.endswith(".onnx") else "torch"
@@ -122,19 +135,28 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted((data / "images").glob("*.png"))
         print(f"{len(paths)} images of {args.size[0]}x{args.size[1]}, task {args.task}")
         results = {"date": str(datetime.date.today()), "runtime": runtime, "model": args.model or "demo"}
-        results["loop"] = plain_loop(args.model, runtime, paths, args.task)
-        print(f"loop (1 image at a time):   {results['loop']['images_per_s']:6.2f} img/s")
-        results["service"] = service(args.model, paths, args.task, args.concurrency)
-        s = results["service"]
-        print(
-            f"service (c={args.concurrency}):            {s['images_per_s']:6.2f} img/s, mean batch {s['mean_batch']:.2f}"
-        )
-        results["batch"] = batch(args.model, data / "images", Path(tmp) / "out", args.task, args.num_cpus)
-        b = results["batch"]
-        steady = f"{b['steady_images_per_s']:.2f}" if b["steady_images_per_s"] else "-"
-        print(
-            f"m2f batch:                  {b['images_per_s']:6.2f} img/s over {b['wall_s']:.1f} s with Ray start-up; {steady} img/s steady (after the first results)"
-        )
+        if "loop" in args.ways:
+            results["loop"] = plain_loop(args.model, runtime, paths, args.task)
+            print(f"loop (1 image at a time):   {results['loop']['images_per_s']:6.2f} img/s", flush=True)
+        if "service" in args.ways:
+            results["service"] = s = service(args.model, paths, args.task, args.concurrency)
+            print(
+                f"service (c={args.concurrency}):            {s['images_per_s']:6.2f} img/s, "
+                f"mean batch {s['mean_batch']:.2f}",
+                flush=True,
+            )
+        if "batch" in args.ways:
+            results["batch"] = []
+            for k, extra in enumerate(args.batch_variants):
+                out = Path(tmp) / f"out{k}"
+                b = batch(args.model, data / "images", out, args.task, args.num_cpus, extra)
+                results["batch"].append({"options": extra, **b})
+                steady = f"{b['steady_images_per_s']:.2f}" if b["steady_images_per_s"] else "-"
+                print(
+                    f"m2f batch {extra or '(defaults)'}: {b['images_per_s']:6.2f} img/s over {b['wall_s']:.1f} s "
+                    f"with Ray start-up; {steady} img/s steady (after the first results)",
+                    flush=True,
+                )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 0
