@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,20 @@ def disabled_optimizers(providers: list[str]) -> list[str]:
 
 
 def open_session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """An inference session on ``source`` (a path or a serialized model) with our graph-optimizer choices."""
-    return ort.InferenceSession(
-        source, options, providers=providers, disabled_optimizers=disabled_optimizers(providers)
-    )
+    """An inference session on ``source`` (a path or a serialized model) with our graph-optimizer choices.
+
+    Made on a throwaway thread: with ``session.set_denormal_as_zero`` ONNX Runtime switches the creating
+    thread to flush-to-zero / denormals-are-zero (as well as its own pool threads), which would silently
+    change the caller's float arithmetic (Python floats, numpy; hypothesis refuses to run under it). Running
+    the session later does not touch the caller's mode."""
+    with ThreadPoolExecutor(1, thread_name_prefix="ort-open") as pool:
+        return pool.submit(
+            ort.InferenceSession,
+            source,
+            options,
+            providers=providers,
+            disabled_optimizers=disabled_optimizers(providers),
+        ).result()
 
 
 def session_options(threads: int) -> ort.SessionOptions:

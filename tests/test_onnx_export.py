@@ -264,6 +264,21 @@ def test_postprocessed_results_are_identical(tiny_export, tiny_model):
     assert segments >= 3, "the comparison needs segments to compare"
 
 
+def _flushes_subnormals() -> bool:
+    """Whether this thread flushes subnormal results to zero (FTZ/DAZ): half the smallest normal is 0."""
+    smallest_normal = sys.float_info.min
+    return smallest_normal / 2 == 0.0
+
+
+def test_opening_a_runner_leaves_the_callers_float_mode_alone(tiny_export):
+    # ONNX Runtime sets FTZ/DAZ on the thread that creates a session with set_denormal_as_zero; a runner
+    # opened in the caller's thread switched the caller to it (CI: hypothesis refused to run afterwards).
+    assert not _flushes_subnormals()
+    runner = OnnxRunner(tiny_export[0])
+    runner.run(np.zeros((1, 3, 64, 64), np.float32))
+    assert not _flushes_subnormals()
+
+
 def test_runner_rejects_bad_input(tiny_export):
     runner = OnnxRunner(tiny_export[0])
     with pytest.raises(ValueError, match="B, 3, H, W"):
