@@ -30,7 +30,8 @@ sent as JPEG (quality 90) in the multipart field ``image``. Per measurement poin
 servers take turns, in an order rotated from point to point, and only one server process is alive at a
 time: each is started, warmed up with the point's load for ``--warmup-seconds``, measured with closed-loop
 clients (threads, one httpx connection each) for ``--seconds``, and stopped. Reported per (server, size,
-concurrency): img/s, p50/p99 latency as the clients see it, errors, mean segments per image and img/s
+concurrency): img/s, p50/p99 latency as the clients see it (a 503 with ``Retry-After`` is retried after it, as
+``service.client.Client`` does, and counted), errors, mean segments per image and img/s
 relative to the naive server. The clients share the cores with the server, as in any loopback test.
 Run it on an otherwise idle machine: on 2 cores busy with other work, torch's two intra-op threads ran our
 tiny model 10x slower than one thread did (and ``transformers``' 15x), which swamps any difference between
@@ -67,6 +68,7 @@ from bench.service_load import Server, free_port, percentiles  # noqa: E402
 from mask2former.config import PreprocessConfig, preprocess_to_hf  # noqa: E402
 from mask2former.label_sets import LABEL_SETS  # noqa: E402
 from mask2former.reference import TINY, architecture, hf_model  # noqa: E402
+from service.client import retry_after_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -222,25 +224,40 @@ def start(server: str, checkpoint: Path, models: dict[str, Path]) -> NaiveServer
 def closed_loop(
     base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any]
 ) -> dict[str, Any]:
-    """``concurrency`` clients, each sending the next photo as soon as its answer is in, for ``seconds``."""
+    """``concurrency`` clients, each sending the next photo as soon as its answer is in, for ``seconds``.
+
+    Clients behave as ``service.client.Client`` does: a 503 with ``Retry-After`` (the server refused the request
+    before doing any work: its queue would not be answered in time) is counted as ``refused`` and the same photo
+    is sent again after that many seconds; the latency of a request runs from its first send to its 200. Any
+    other failure is an error and the client moves on."""
     latencies: list[float] = []
     segments: list[int] = []
-    errors = 0
+    errors = refused = 0
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
     def client(k: int) -> None:
-        nonlocal errors
+        nonlocal errors, refused
         with httpx.Client(base_url=base, timeout=300) as c:
             i = k
             while time.monotonic() < stop_at:
                 files = {"image": ("photo.jpg", data[i % len(data)], "image/jpeg")}
                 t0 = time.perf_counter()
-                try:
-                    r = c.post("/v1/segment", params=params, files=files)
-                    n = len(r.json()["segments"]) if r.status_code == 200 else None
-                except (httpx.HTTPError, ValueError, KeyError):
-                    n = None
+                n = None
+                while time.monotonic() < stop_at:
+                    try:
+                        r = c.post("/v1/segment", params=params, files=files)
+                        wait = retry_after_s(r) if r.status_code == 503 else None
+                        if wait is None:
+                            n = len(r.json()["segments"]) if r.status_code == 200 else None
+                            break
+                    except (httpx.HTTPError, ValueError, KeyError):
+                        break
+                    with lock:
+                        refused += 1
+                    time.sleep(max(0.0, min(wait, stop_at - time.monotonic())))
+                else:
+                    break  # time is up while waiting to retry: not an answer, not an error
                 dt = time.perf_counter() - t0
                 with lock:
                     if n is None:
@@ -256,7 +273,13 @@ def closed_loop(
         t.start()
     for t in threads:
         t.join()
-    return {"wall_s": time.perf_counter() - t0, "latencies": latencies, "segments": segments, "errors": errors}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "latencies": latencies,
+        "segments": segments,
+        "errors": errors,
+        "refused": refused,
+    }
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -266,6 +289,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     row: dict[str, Any] = {
         "requests": len(latencies),
         "errors": sum(r["errors"] for r in runs),
+        "refused": sum(r.get("refused", 0) for r in runs),
         "images_per_s": len(latencies) / sum(r["wall_s"] for r in runs),
         "images_per_s_by_round": [round(len(r["latencies"]) / r["wall_s"], 3) for r in runs],
         "mean_segments": float(np.mean(segments)) if segments else 0.0,
@@ -337,7 +361,7 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
                 n = len(run["latencies"])
                 print(
                     f"round {rnd + 1} {size[0]}x{size[1]} c={c} {server:14s} {n / run['wall_s']:6.2f} img/s "
-                    f"({n} ok, {run['errors']} errors, {np.mean(run['segments']) if n else 0:.1f} segments/img; "
+                    f"({n} ok, {run['errors']} errors, {run['refused']} refused, {np.mean(run['segments']) if n else 0:.1f} segments/img; "
                     f"{time.perf_counter() - t0:.0f}s with start and stop)",
                     flush=True,
                 )
@@ -354,8 +378,9 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
 # ---------------------------------------------------------------------------------------------- report
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| server | photo size | clients | img/s | p50 ms | p99 ms | errors | segments/img | batch (max / mean) | x naive |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | photo size | clients | img/s | p50 ms | p99 ms | errors | 503 then retried | segments/img "
+        "| batch (max / mean) | x naive |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         ratio = "" if r["ratio_vs_naive"] is None else f"{r['ratio_vs_naive']:.2f}x"
@@ -365,7 +390,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         batch = f"{b['max_batch_size']} / {b['mean_batch']:.2f}" if b and b.get("mean_batch") else "-"
         lines.append(
             f"| {r['server']} | {r['size']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['p50_ms']:.0f} | "
-            f"{r['p99_ms']:.0f} | {r['errors']} | {r['mean_segments']:.1f} | {batch} | {ratio} |"
+            f"{r['p99_ms']:.0f} | {r['errors']} | {r['refused']} | {r['mean_segments']:.1f} | {batch} | {ratio} |"
         )
     return "\n".join(lines)
 
