@@ -38,9 +38,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.service_load import Server  # noqa: E402
-from mask2former import synth  # noqa: E402
+from m2f import synth  # noqa: E402
+from runtimes import open_runner  # noqa: E402
 from service import pipeline  # noqa: E402
-from service.runtime import open_runner  # noqa: E402
 
 WAYS = ("loop", "service", "batch")
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def batch(
     model: str | None, folder: Path, out: Path, task: str, num_cpus: int | None, extra: str = ""
 ) -> dict[str, float]:
     """``m2f batch`` in a subprocess, with ``extra`` options: its summary (start-up and steady rate)."""
-    cmd = [sys.executable, "-m", "mask2former.cli", "batch", str(folder), "-o", str(out), "--task", task, "--json"]
+    cmd = [sys.executable, "-m", "m2f.cli", "batch", str(folder), "-o", str(out), "--task", task, "--json"]
     if model:
         cmd += ["--model", model]
     if num_cpus:

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import bulk, bulk_io, cli, evaluate, metrics, synth
+from m2f import bulk, bulk_io, cli, evaluate, metrics, synth
+from runtimes import TorchRunner
 from service import pipeline
-from service.runtime import TorchRunner
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray is imported: no usage reports
 import ray  # noqa: E402

@@ -2,10 +2,10 @@
 
 The pipeline is the service's, step for step (:mod:`service.pipeline`), as Ray Data operators:
 
-1. read bytes (any filesystem, :mod:`mask2former.bulk_io`), decode and prepare: CPU tasks
+1. read bytes (any filesystem, :mod:`m2f.bulk_io`), decode and prepare: CPU tasks
    (:func:`service.pipeline.decode`, :func:`service.pipeline.prepare`); an image that cannot be read or
    decoded becomes an error row, recorded in ``errors.jsonl``, and the job goes on;
-2. inference: a pool of actors, each holding one runner (:func:`service.runtime.open_runner`, PyTorch or
+2. inference: a pool of actors, each holding one runner (:func:`runtimes.open_runner`, PyTorch or
    ONNX Runtime); each call groups its images by padded size with the service's
    :class:`~service.batching.BatchPolicy` and pads each batch to its largest member, as the service does;
 3. post-processing and COCO RLE: CPU tasks (:func:`service.pipeline.answer`);
@@ -36,14 +36,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from mask2former import bulk_io
-from mask2former.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
+from m2f import bulk_io
+from m2f.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
 from mask2former.config import Mask2FormerConfig, preprocess_to_hf, read_config
 from mask2former.postprocess_numpy import TASKS
+from model_export.metadata import read_metadata
+from runtimes import open_runner
 from service import pipeline
 from service.batching import BatchPolicy, Item, assemble
-from service.runtime import open_runner
 
 IDENTITY = ("num_images", "listing_sha256", "model", "runtime", "task", "format", "shard_size")
 IDENTITY += ("threshold", "overlap_mask_area_threshold", "max_instances")
@@ -60,15 +62,13 @@ def model_spec(model: str | None, runtime: str) -> tuple[Mask2FormerConfig, tupl
     if runtime == "onnxruntime":
         if model is None:
             raise ValueError("the onnxruntime runtime needs an .onnx file (export one with `m2f export onnx`)")
-        from model_export.metadata import read_metadata
-
         meta = read_metadata(model)
         return meta.to_config(), tuple(meta.input_shape), runtime
     if runtime != "torch":
         raise ValueError(f"unknown runtime {runtime!r}; choose auto, torch or onnxruntime")
     path = Path(model) if model is not None else DEMO_WEIGHTS
     if path.is_file():
-        from mask2former.detectron2 import read_detectron2
+        from mask2former.detectron2 import read_detectron2  # lazy: torch
 
         config = read_detectron2(path, None)[0]
     else:
@@ -213,8 +213,8 @@ def import_ray() -> Any:
     Usage statistics are off unless the environment says otherwise."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        import ray
-        import ray.data  # noqa: F401
+        import ray  # lazy: ray (the batch extra)
+        import ray.data  # noqa: F401  # lazy: ray
     except ImportError:
         raise ValueError("m2f batch needs Ray Data: pip install 'mask2former-serve[batch]'") from None
     return ray
@@ -398,8 +398,6 @@ def _dataset(ray: Any, job: Job, ids: list[int], plan: Plan, settings: dict[str,
 def _collect(job: Job, ds: Any, total: int, progress: bool) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
     """Stream the results, write PNGs as they come and each shard when complete; the new shards' markers and
     the timeline (images done, ``time.perf_counter``) after each batch of results."""
-    from tqdm import tqdm
-
     records: dict[int, list[dict[str, Any]]] = {}
     errors: dict[int, list[dict[str, Any]]] = {}
     seen: dict[int, int] = {}
