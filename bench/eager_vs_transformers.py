@@ -37,8 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former import load_model  # noqa: E402
+from mask2former.attention_mask import attention_mask, attention_mask_at_level  # noqa: E402
 from mask2former.reference import DATASETS, RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
-from mask2former.transformer_decoder import attention_mask, attention_mask_at_level  # noqa: E402
 
 REL_TOL = 1e-4
 

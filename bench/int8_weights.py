@@ -32,15 +32,13 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
-from model_export.int8 import store_weights  # noqa: E402
-from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import (  # noqa: E402
-    OnnxRunner,
-    available_cpus,
-    cpu_int8_kernel,
-    open_session,
-    session_options,
+from model_export.int8 import (
+    cpu_int8_kernel,  # noqa: E402
+    store_weights,  # noqa: E402
 )
+from model_export.onnx import export_onnx  # noqa: E402
+from runtimes.onnx_runner import OnnxRunner  # noqa: E402
+from runtimes.ort_session import available_cpus, open_session, session_options  # noqa: E402
 
 
 def cpu_name() -> str:

@@ -4,7 +4,7 @@
 
 The swin-tiny COCO-panoptic architecture with random weights, batch 1, exported at a fixed size (checked
 against PyTorch by the exporter). ONNX Runtime runs with its profiler on and the service runner's session
-settings (``service.onnx_runtime.session_options`` / ``open_session``); kernel times are summed per op type
+settings (``runtimes.ort_session.session_options`` / ``open_session``); kernel times are summed per op type
 and averaged per run. torch's profiler does the same for our eager model (self CPU time per aten op). Both
 include the profilers' own overhead.
 """
@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import available_cpus, open_session, session_options  # noqa: E402
+from runtimes.ort_session import available_cpus, open_session, session_options  # noqa: E402
 
 
 def ort_profile(path: Path, size: int, iters: int, tmp: Path) -> tuple[dict[str, float], float]:

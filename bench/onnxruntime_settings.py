@@ -4,7 +4,7 @@
 
 The swin-tiny COCO-panoptic architecture with random weights, batch 1, exported at a fixed size (checked
 against PyTorch by the exporter; with ``--int8`` also the ``--quantize int8`` export). Each graph runs in
-four sessions, timed interleaved: the runner's (``service.onnx_runtime.session_options`` + ``open_session``:
+four sessions, timed interleaved: the runner's (``runtimes.ort_session.session_options`` + ``open_session``:
 denormals flushed to zero, the SkipLayerNormalization and MatMul+Add->Gemm fusions off), the same keeping
 denormals, the same with ONNX Runtime's default fusions, and ONNX Runtime's defaults for both. Prints the
 median ms of each and its largest output difference from the runner's session. ``--torch`` also times our
@@ -29,7 +29,7 @@ if __package__ in (None, ""):
 
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import available_cpus, disabled_optimizers, session_options  # noqa: E402
+from runtimes.ort_session import available_cpus, disabled_optimizers, session_options  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 

@@ -35,7 +35,7 @@ if __package__ in (None, ""):
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
-from service.onnx_runtime import OnnxRunner  # noqa: E402
+from runtimes.onnx_runner import OnnxRunner  # noqa: E402
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, iters: int = 10) -> float:
@@ -63,8 +63,8 @@ def forward_gflop(model, size: int) -> float:
 
 def demo_pq_int8(num_images: int, threads: int) -> dict[str, float]:
     """Panoptic PQ of the demo model through ONNX Runtime, float32 and int8, on held-out synthetic images."""
-    from mask2former import synth
-    from mask2former.evaluate import evaluate
+    from m2f import synth
+    from m2f.evaluate import evaluate
     from mask2former.weights import DEMO_WEIGHTS
 
     pq = {}

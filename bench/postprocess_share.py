@@ -41,8 +41,8 @@ from bench.service_vs_naive import (  # noqa: E402
     tiny_setting,
 )
 from mask2former.config import Mask2FormerConfig  # noqa: E402
+from runtimes import Runner, open_runner  # noqa: E402
 from service import pipeline  # noqa: E402
-from service.runtime import Runner, open_runner  # noqa: E402
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -34,9 +34,9 @@ from PIL import Image
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mask2former import synth  # noqa: E402
+from m2f import synth  # noqa: E402
+from runtimes import open_runner  # noqa: E402
 from service import pipeline  # noqa: E402
-from service.runtime import open_runner  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def free_port() -> int:
 class Server:
     def __init__(self, model: str | None, batch: int, delay_ms: float):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "mask2former.cli", "serve", "--port", str(self.port), "--max-queue", "256"]
+        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), "--max-queue", "256"]
         cmd += ["--max-batch-size", str(batch), "--max-batch-delay-ms", str(delay_ms), "--log-level", "warning"]
         if model:
             cmd += ["--model", model]

@@ -173,7 +173,7 @@ def export(checkpoint: Path, output: Path, quantize: bool) -> Path:
     if output.is_file():
         return output
     partial = output.with_name(output.stem + ".partial.onnx")
-    cmd = [sys.executable, "-m", "mask2former.cli", "export", "onnx", "--weights", str(checkpoint)]
+    cmd = [sys.executable, "-m", "m2f.cli", "export", "onnx", "--weights", str(checkpoint)]
     cmd += ["--output", str(partial), "--dynamic-shape", "--dynamic-batch"] + (
         ["--quantize", "int8"] if quantize else []
     )

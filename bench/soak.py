@@ -18,7 +18,7 @@ Starts the real server (a subprocess on a free 127.0.0.1 port, its log in a file
 4. drain: ``--drain-requests`` sent at once, SIGTERM once one is admitted. Clean: every answer 200 or 503
    (``draining``, ``queue_full``), as many 200s as the server had admitted, exit status 0 or -SIGTERM (uvicorn
    re-raises it), no abandoned request or traceback in the log.
-Requests are JPEGs of synthetic shapes (:mod:`mask2former.synth`), a mix of ``--sizes`` x ``--tasks``. The
+Requests are JPEGs of synthetic shapes (:mod:`m2f.synth`), a mix of ``--sizes`` x ``--tasks``. The
 clients share the cores with the server: run it on an otherwise idle machine. Writes ``--out`` (JSON: machine,
 date, settings, RSS samples, results) and prints a markdown summary for BENCHMARKS.md.
 """
@@ -54,7 +54,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.service_load import free_port, percentiles  # noqa: E402
-from mask2former import synth  # noqa: E402
+from m2f import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_FRACTION, WARMUP_MAX_S = 0.10, 120.0
@@ -85,7 +85,7 @@ class Server:
     def __init__(self, extra: list[str], log_path: Path):
         self.port, self.log_path = free_port(), log_path
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mask2former.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(cmd + extra, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -26,7 +26,7 @@ import numpy as np
 runtime, spin, busy, repeats = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 x = np.zeros((1, 3, 160, 224), np.float32)
 if runtime == "torch":
-    from service.runtime import TorchRunner
+    from runtimes import TorchRunner
     run = TorchRunner(None, threads=2).run
 else:
     import onnxruntime as ort

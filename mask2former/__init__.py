@@ -16,11 +16,11 @@ __all__ = [
 def __getattr__(name: str):
     # torch-dependent names load lazily so that config and processing helpers import without torch.
     if name == "load_model":
-        from mask2former.weights import load_model
+        from mask2former.weights import load_model  # lazy: torch (config and processing work without it)
 
         return load_model
     if name == "Mask2Former":
-        from mask2former.mask2former import Mask2Former
+        from mask2former.mask2former import Mask2Former  # lazy: torch
 
         return Mask2Former
     raise AttributeError(name)

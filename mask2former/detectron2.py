@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from mask2former.config import Mask2FormerConfig, ResNetConfig, SwinConfig, preprocess_to_hf
 from mask2former.label_sets import apply_labels, resolve_labels
@@ -354,8 +355,6 @@ def read_detectron2(
 
 def write_hf_checkpoint(cfg: Mask2FormerConfig, hf_state: Mapping[str, torch.Tensor], folder: str | Path) -> Path:
     """Write ``config.json`` (with ``thing_ids``), ``preprocessor_config.json`` and ``model.safetensors``."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"_name_or_path": cfg.name, **cfg.to_hf_dict()}

@@ -38,7 +38,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from mask2former.transformer_decoder import attention_mask_at_level
+from mask2former.attention_mask import attention_mask_at_level
 
 try:
     import triton
@@ -79,7 +79,7 @@ def masked_attention_reference(
         (B, H, Q, d) in the inputs' dtype.
 
     A key is attended where ``sigmoid(logit) >= 0.5`` computed in the logits' dtype, exactly as
-    :func:`mask2former.transformer_decoder.attention_mask` does; a row with no attended key attends
+    :func:`mask2former.attention_mask.attention_mask` does; a row with no attended key attends
     everywhere. The kernel's rule ``logit >= 0`` is the same in exact arithmetic; with rounding the two
     disagree only for negative logits that the sigmoid rounds to 0.5: float32 ``-1.788139e-07 <= logit < 0``
     (see ``SIGMOID_HALF_BAND_F32``; the often-quoted ~6e-8 = 2**-24 is a third of the real band), float16

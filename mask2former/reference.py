@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from mask2former.attention_mask import attention_mask, attention_mask_at_level, level_mask_logits
+
 # Hyper-parameters of the public checkpoints' architectures (facebook/mask2former-swin-*).
 SWIN = {
     "tiny": {"embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7},
@@ -71,7 +73,12 @@ def hf_model(arch: dict[str, Any], seed: int = 0, id2label: dict[int, str] | Non
     leaves many at zero or one), so that parity tests exercise all of them: weights ~ N(0, 1/fan_in), norms
     around one, biases and embeddings small but non-zero; batch-norm statistics too.
     """
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, ResNetConfig, SwinConfig
+    from transformers import (  # lazy: transformers (a development dependency only)
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        ResNetConfig,
+        SwinConfig,
+    )
 
     arch = dict(arch)
     bb = dict(arch.pop("backbone"))
@@ -151,8 +158,6 @@ def compare_flip_free(tag: str, ours: torch.nn.Module, x: torch.Tensor, ref_out:
     attention mask (which must equal the reference's: inputs chosen so that no logit sits within rounding
     of 0), and every prediction's class and mask logits. Returns our output (with ``aux``) and the attended
     share of each layer's mask."""
-    from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
-
     with torch.inference_mode():
         out = ours(x, aux=True)
         _, multi_scale = ours.pixel_decoder(ours.backbone(x))

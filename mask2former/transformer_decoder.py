@@ -1,9 +1,10 @@
 """Masked-attention transformer decoder with the class and mask prediction heads.
 
 Layer i cross-attends level ``i % 3`` (strides 32, 16, 8) and each query may only look where its mask
-from the previous prediction has sigmoid >= 0.5; a query blocked everywhere attends everywhere. The first
-mask comes from the learnable query features before layer 0. The mask is built with elementwise ops only
-(no boolean indexing, no ``.item()``) so the module traces and exports.
+from the previous prediction has sigmoid >= 0.5; a query blocked everywhere attends everywhere
+(:mod:`mask2former.attention_mask`). The first mask comes from the learnable query features before layer 0.
+The mask is built with elementwise ops only (no boolean indexing, no ``.item()``) so the module traces and
+exports.
 
 The mask logits each layer thresholds are computed at the layer's level, from the mask features resized
 to it (see :meth:`TransformerDecoder.forward`); ``Mask2Former(..., aux=True)`` returns them.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mask2former.attention_mask import attention_mask_at_level
 from mask2former.config import Mask2FormerConfig
 from mask2former.pixel_decoder import NUM_LEVELS, sine_position_embedding
 
@@ -33,31 +35,6 @@ class Prediction(NamedTuple):
 class DecoderOutput(NamedTuple):
     predictions: list[Prediction]  # the last one is the model output; earlier steps only with all_layers
     attention_logits: list[torch.Tensor]  # per layer: the mask logits it attended with, (B, Q, S_l) at its level
-
-
-def attention_mask(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Where each query may attend at a feature level: (B, Q, H/4, W/4) -> bool (B, 1, Q, h*w).
-
-    True means attend. Blocked pixels have sigmoid(logit) < 0.5 after bilinear resizing to ``size``;
-    rows blocked everywhere are opened fully.
-    """
-    return attention_mask_at_level(level_mask_logits(mask_logits, size))
-
-
-def attention_mask_at_level(level_logits: torch.Tensor) -> torch.Tensor:
-    """The attend rule on mask logits already at the level: (B, Q, S) -> bool (B, 1, Q, S), True = attend."""
-    # 0.5 as a tensor of the logits' dtype: a Python scalar makes the exporter compare in float32 even in a
-    # float16 graph. The same comparison in float32.
-    half = torch.full((), 0.5, dtype=level_logits.dtype, device=level_logits.device)
-    attend = level_logits.sigmoid() >= half  # (B, Q, S)
-    anywhere = attend.any(dim=-1, keepdim=True)  # (B, Q, 1)
-    return (attend | ~anywhere).unsqueeze(1)
-
-
-def level_mask_logits(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Mask logits at a feature level: (B, Q, H/4, W/4) -> (B, Q, h*w), bilinear (align_corners=False); the
-    input of :func:`attention_mask_at_level` and of the fused kernel."""
-    return F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False).flatten(2)
 
 
 class MultiheadAttention(nn.Module):
@@ -94,7 +71,7 @@ class MultiheadAttention(nn.Module):
             k = F.linear(key, w[c : 2 * c], bias[c : 2 * c]).view(b, -1, self.heads, d).transpose(1, 2)
         v = F.linear(value, w[2 * c :], bias[2 * c :]).view(b, -1, self.heads, d).transpose(1, 2)
         if mask_logits is not None:
-            from mask2former.masked_attention import masked_attention  # Triton: imported only when used
+            from mask2former.masked_attention import masked_attention  # lazy: triton (import fixes TRITON_INTERPRET)
 
             out = masked_attention(q, k, v, mask_logits)  # (B, heads, Q, d)
         else:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from mask2former.config import Mask2FormerConfig, ResNetConfig, read_config
 from mask2former.detectron2 import read_detectron2
@@ -286,8 +287,6 @@ def to_hf_state_dict(
 def read_hf_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of an HF checkpoint folder: ``model.safetensors`` (sharded too) or ``pytorch_model.bin``."""
     folder = Path(folder)
-    from safetensors.torch import load_file
-
     single = folder / "model.safetensors"
     if single.is_file():
         return load_file(single)

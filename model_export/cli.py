@@ -58,11 +58,12 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from model_export.onnx import DEFAULT_OPSET, ExportCheckError, export_onnx
+    from model_export.check import ExportCheckError  # lazy: torch (m2f's parser is built without it)
+    from model_export.onnx import DEFAULT_OPSET, export_onnx  # lazy: torch
 
     if (args.height is None) != (args.width is None):
         raise ValueError("--height and --width go together")
-    from mask2former.weights import DEMO_WEIGHTS
+    from mask2former.weights import DEMO_WEIGHTS  # lazy: torch (mask2former.weights imports it)
 
     weights = args.weights if args.weights is not None else DEMO_WEIGHTS
     try:

@@ -19,17 +19,21 @@ ONNX Runtime's ``reduce_range``, cannot saturate either but moved the demo's PQ 
 :func:`store_weights` converts either way; the runner uses it to go back to int8 on VNNI CPUs (faster
 there, still exact) and to rescue files written before this, whose int8 weights saturate.
 
-Needs ``onnx`` and numpy only (no torch): the ONNX Runtime runner imports it.
+Needs ``onnx`` and numpy, and onnxruntime where it quantizes or measures (no torch): the ONNX Runtime runner
+imports it.
 """
 
 from __future__ import annotations
 
 import functools
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 WEIGHT_DTYPES = ("uint8", "int8")
 # What the metadata says of an int8 export (ExportMetadata.quantization_info).
@@ -52,11 +56,8 @@ def quantize_dynamic_int8(path: Path) -> Any:
     and ONNX shape inference): it folds weights that the graph derives from initializers (the slices of
     the decoder's fused in-projection, the sampling-offset projection scaled by the level sizes) into
     constants, so that those MatMuls get int8 weights too."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # lazy: onnxruntime (float exports run without)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # lazy: onnxruntime (as above)
 
     external = path.with_name(path.name + ".data").is_file()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
@@ -80,8 +81,6 @@ def quantize_dynamic_int8(path: Path) -> Any:
 def integer_matmul_weights(model: Any) -> dict[str, str]:
     """Names of the initializers that are ``MatMulInteger`` weights (input 1) or weight zero points (input 3),
     each with the element type it is stored as ("uint8"/"int8")."""
-    import onnx
-
     inits = {i.name: i for i in model.graph.initializer}
     found: dict[str, str] = {}
     for node in model.graph.node:
@@ -100,9 +99,6 @@ def store_weights(model: Any, dtype: str) -> int:
     (int8 -128..127 <-> uint8 0..255). A weight without a zero point gets one. Returns how many initializers
     changed. Refuses (ValueError) a graph where another kind of node also reads a weight: shifting it would
     change that node's result."""
-    import onnx
-    from onnx import numpy_helper
-
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"dtype must be one of {WEIGHT_DTYPES}, got {dtype!r}")
     target = np.dtype(dtype)
@@ -146,9 +142,7 @@ def cpu_int8_kernel() -> str:
     of VPMADDUBSW (x86 without VNNI). "exact": exact on another architecture. Measured rather than read from
     the CPU flags, so that it is right under emulators and hypervisors that hide or fake flags, and for the
     kernels this ONNX Runtime version picks."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort  # lazy: onnxruntime (the exporter imports this module; float exports run without it)
 
     rows, depth, cols = 16, 64, 16  # a GEMM (not a vector product), weights constant as in our graphs
     weight = numpy_helper.from_array(np.full((depth, cols), 127, np.int8), "w")
@@ -175,9 +169,7 @@ def integer_matmul_errors(model: Any, inputs: dict[str, np.ndarray]) -> list[tup
     Returns one row per MatMulInteger: (node name, wrong entries, entries, largest error / largest |exact|).
     Graph optimizations are off so that every MatMulInteger runs as itself, through the same kernel as in
     the optimized graph."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
+    import onnxruntime as ort  # lazy: onnxruntime (the exporter imports this module; float exports run without it)
 
     nodes = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}

@@ -30,6 +30,29 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def checkpoint_files(folder: str | Path) -> list[Path]:
+    """The files that define an HF checkpoint: configs and weights (shards included); a detectron2
+    checkpoint is its one file."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    names = ["config.json", "preprocessor_config.json", "model.safetensors", "pytorch_model.bin"]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names += ["model.safetensors.index.json", *json.loads(index.read_text())["weight_map"].values()]
+    return sorted({folder / n for n in names if (folder / n).is_file()})
+
+
+def checkpoint_sha256(folder: str | Path) -> tuple[str, dict[str, str]]:
+    """(combined hash, {file name: sha256}) of a checkpoint folder.
+
+    Each file's hash is what ``sha256sum`` prints; the combined one hashes the sorted ``name  hash`` lines.
+    """
+    files = {p.name: file_sha256(p) for p in checkpoint_files(folder)}
+    lines = "".join(f"{name}  {digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest(), files
+
+
 METADATA_KEY = "mask2former"
 SCHEMA_VERSION = 1
 INPUT_NAME = "pixel_values"
@@ -55,7 +78,7 @@ class ExportMetadata:
     input_shape: tuple[Dim, ...]
     dtype: str = "float32"  # of the input, the outputs and every float tensor in the graph
     source: str = ""  # the checkpoint folder (or "<module>") the graph was exported from
-    source_sha256: str = ""  # of the checkpoint's files, see model_export.onnx.checkpoint_sha256
+    source_sha256: str = ""  # of the checkpoint's files, see checkpoint_sha256
     source_files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (as sha256sum prints)
     opset: int = 0
     exporter: dict[str, str] = field(default_factory=dict)  # tool versions
@@ -130,7 +153,7 @@ def write_metadata(model: Any, meta: ExportMetadata) -> None:
 
 def read_metadata(path: str | Path) -> ExportMetadata:
     """Read the metadata of an ``.onnx`` file (weights are not loaded)."""
-    import onnx
+    import onnx  # lazy: onnx (only where a proto is read or written)
 
     model = onnx.load(str(path), load_external_data=False)
     return ExportMetadata.from_props({p.key: p.value for p in model.metadata_props})

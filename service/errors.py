@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.metrics import Metrics
 
 
 class HTTPError(Exception):
@@ -15,3 +20,23 @@ class HTTPError(Exception):
 
 def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"status": status, "reason": reason, "message": message}}, status, headers)
+
+
+def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Answer our :class:`HTTPError`, routing errors (404, 405 + Allow) and invalid parameters (422, counted as
+    ``bad_request`` rejections in ``metrics``) in the JSON error format."""
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError) -> JSONResponse:
+        return error_response(exc.status, exc.reason, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:  # 404, 405 + Allow
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, reason, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejections.labels("bad_request").inc()
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return error_response(422, "bad_request", "; ".join(parts))

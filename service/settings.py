@@ -36,7 +36,7 @@ def torch_demo_available() -> bool:
     """Whether the demo can run in PyTorch here: torch is installed and the safetensors checkpoint is present.
 
     Finds torch without importing it: the runner sets OpenMP's wait policy before torch's first import
-    (``service.runtime.TorchRunner``), and a settings object should not cost a second of start-up."""
+    (``runtimes.TorchRunner``), and a settings object should not cost a second of start-up."""
     if not (DEMO_DIR / "model.safetensors").is_file():
         return False
     try:

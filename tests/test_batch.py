@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import bulk, bulk_io, cli, evaluate, metrics, synth
+from m2f import bulk, bulk_io, cli, evaluate, metrics, synth
+from runtimes import TorchRunner
 from service import pipeline
-from service.runtime import TorchRunner
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray is imported: no usage reports
 import ray  # noqa: E402
@@ -325,7 +325,9 @@ def test_inputs_on_an_fsspec_filesystem():
 
 def test_plan_from_the_machine():
     one = bulk.plan_resources("cpu", cluster_cpus=2, node_cpus=2, cluster_gpus=0)
-    assert (one.actors, one.threads, one.batch_size, one.actor_cpus, one.actor_gpus) == (1, 1, 4, 1.0, 0.0)
+    assert (one.actors, one.threads, one.batch_size, one.actor_cpus, one.actor_gpus) == (1, 1, 8, 1.0, 0.0)
+    assert one.profile  # the actor picks its batch size up to 8 from its own timing
+    assert not bulk.plan_resources("cpu", cluster_cpus=2, node_cpus=2, cluster_gpus=0, batch_size=4).profile
     two = bulk.plan_resources("cpu", cluster_cpus=2, node_cpus=2, cluster_gpus=0, actors=2)
     assert (two.actors, two.threads, two.actor_cpus) == (2, 1, 0.5)  # one CPU stays for decoding
     big = bulk.plan_resources("cpu", cluster_cpus=64, node_cpus=32, cluster_gpus=0)
@@ -336,3 +338,17 @@ def test_plan_from_the_machine():
     assert (gpu.actors, gpu.actor_gpus, gpu.batch_size, gpu.actor_cpus) == (2, 1.0, 8, 1.0)
     with pytest.raises(ValueError, match="no GPU"):
         bulk.plan_resources("cuda", cluster_cpus=4, node_cpus=4, cluster_gpus=0)
+
+
+def test_actors_choose_their_batch_size_from_their_own_timing(monkeypatch):
+    timed = []
+
+    def profile(run, size, max_batch_size):  # seconds per pass: batches of 2 pay, 4 and 8 do not
+        timed.append((size, max_batch_size))
+        return {1: 1.0, 2: 1.6, 4: 3.5, 8: 7.5}
+
+    monkeypatch.setattr(bulk, "profile_batches", profile)
+    chosen = bulk.Infer(None, "torch", "cpu", 1, batch_size=8, bucket_px=128, profile=True)
+    assert chosen.policy.max_batch_size == 2 and timed == [((160, 160), 8)]
+    fixed = bulk.Infer(None, "torch", "cpu", 1, batch_size=8, bucket_px=128, profile=False)
+    assert fixed.policy.max_batch_size == 8 and len(timed) == 1

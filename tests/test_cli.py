@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from m2f.cli import main
+from m2f.visualize import draw_overlay
 from mask2former import load_model
 from mask2former import postprocess_numpy as postprocess
-from mask2former.cli import main
 from mask2former.processing import load_image, preprocess
 from mask2former.reference import TINY, save_hf_checkpoint
-from mask2former.visualize import draw_overlay
 from service.encoding import encode_masks, panoptic_png, segment_records
 
 pytest.importorskip("transformers")
@@ -114,7 +114,7 @@ def test_predict_semantic_one_segment_per_class(tmp_path, checkpoint, image_path
 
 def test_predict_overlay_and_console_script(tmp_path, checkpoint, image_path):
     overlay = tmp_path / "overlay.png"
-    cmd = [sys.executable, "-m", "mask2former.cli", "predict", str(image_path), "--weights", str(checkpoint)]
+    cmd = [sys.executable, "-m", "m2f.cli", "predict", str(image_path), "--weights", str(checkpoint)]
     proc = subprocess.run([*cmd, "--overlay", str(overlay)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["task"] == "panoptic"

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import synth
+from m2f import synth
 from service.client import AsyncClient, Client, SegmentationResult, ServerError
 
 TASKS = ("panoptic", "instance", "semantic")

@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from mask2former import load_model, synth
-from mask2former.evaluate import evaluate
+from m2f import synth
+from m2f.evaluate import evaluate
+from mask2former import load_model
 from mask2former.weights import DEMO_WEIGHTS
 
 RECORD = json.loads((DEMO_WEIGHTS / "metrics.json").read_text())
@@ -77,7 +78,7 @@ def test_onnx_export_scores_the_same_pq(tmp_path, scores, heldout_subset):
     """The demo model exported to ONNX and run in ONNX Runtime gives the same PQ as in PyTorch."""
     pytest.importorskip("onnxruntime")
     from model_export.onnx import export_onnx
-    from service.onnx_runtime import OnnxRunner
+    from runtimes.onnx_runner import OnnxRunner
 
     path = tmp_path / "demo.onnx"
     export_onnx(DEMO_WEIGHTS, path, height=160, width=160, batch=4, log=lambda line: None)
@@ -92,7 +93,7 @@ def test_int8_export_loses_little_pq(tmp_path, scores, heldout_subset):
     held-out subset (bench/onnxruntime_vs_eager.py --int8 measures it on 500 images)."""
     pytest.importorskip("onnxruntime")
     from model_export.onnx import export_onnx
-    from service.onnx_runtime import OnnxRunner
+    from runtimes.onnx_runner import OnnxRunner
 
     path = tmp_path / "demo-int8.onnx"
     export_onnx(DEMO_WEIGHTS, path, height=160, width=160, batch=4, quantize="int8", log=lambda line: None)

@@ -219,6 +219,39 @@ def test_dockerfile_image(name):
                 assert (ROOT / source).exists(), f"COPY source {source} missing"
 
 
+def pyproject_packages() -> list[str]:
+    """The top-level packages pyproject's ``[tool.setuptools.packages.find] include`` lists."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    return sorted({pattern.rstrip("*").rstrip(".") for pattern in find["include"]})
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_installing_stages_copy_every_package(name):
+    """Every stage that pip-installs the project has every package pyproject lists: a package left out would
+    be missing from the image (pip installs what the build context holds)."""
+    packages = pyproject_packages()
+    assert {"mask2former", "model_export", "runtimes", "service", "m2f"} <= set(packages)
+    installing = {
+        stage: instructions
+        for stage, instructions in stages(DOCKER / name).items()
+        if any(k == "RUN" and re.search(r"pip install [^&]*\"\.\[", a) for k, a in instructions)
+    }
+    assert installing, "no stage installs the project"
+    for stage, instructions in installing.items():
+        copied = {
+            source.rstrip("/")
+            for k, a in instructions
+            if k == "COPY" and "--from=" not in a
+            for source in a.split()[:-1]
+        }
+        missing = [p for p in packages if p not in copied]
+        assert not missing, f"{name} stage {stage} installs the project without COPYing {missing}"
+
+
 def test_cpu_image_has_no_torch():
     cpu = stages(DOCKER / "Dockerfile.cpu")
     build = " ".join(a for k, a in cpu["build"] if k == "RUN")
@@ -279,7 +312,13 @@ def test_dockerignore():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [p.strip() for p in lines if p.strip() and not p.strip().startswith("#")]
     needed = ["pyproject.toml", "README.md", "docker/healthcheck.py", "weights/demo/config.json"]
-    needed += ["mask2former/cli.py", "model_export/cli.py", "service/__init__.py"]
+    needed += [
+        "mask2former/config.py",
+        "model_export/cli.py",
+        "runtimes/__init__.py",
+        "service/__init__.py",
+        "m2f/cli.py",
+    ]
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed by the images but ignored"
     unwanted = [".git/HEAD", ".venv/bin/python", "tests/test_deploy.py", "weights/train_demo.py"]
@@ -761,7 +800,7 @@ def test_prometheus_scrapes_running_service(tmp_path):
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
 
-    server_cmd = [sys.executable, "-m", "mask2former.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server_cmd = [sys.executable, "-m", "m2f.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server_env = {**os.environ, "PYTHONUNBUFFERED": "1", "M2F_LOG_LEVEL": "warning", "M2F_DRAIN_TIMEOUT_S": "5"}
     prom_cmd = [
         prometheus,

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from m2f.cli import main
 from mask2former import load_model
-from mask2former.cli import main
 from mask2former.config import ResNetConfig, SwinConfig
 from mask2former.detectron2 import (
     CheckpointReadError,
@@ -482,7 +482,7 @@ def r50_onnx(r50_pkl, tmp_path_factory):
 
 def test_r50_exports_to_onnx(r50_pkl, r50_onnx, capsys):
     from model_export.onnx import _example_size
-    from service.onnx_runtime import OnnxRunner
+    from runtimes.onnx_runner import OnnxRunner
 
     model = load_model(r50_pkl)
     assert _example_size(model.config) == (264, 304)  # Swin's rule with window 7: no side a multiple of 32

@@ -25,11 +25,11 @@ import pytest
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from mask2former import synth  # noqa: E402
-from mask2former.cli import main  # noqa: E402
-from mask2former.eval_data import find_layout  # noqa: E402
-from mask2former.eval_images import segment_changes  # noqa: E402
-from mask2former.eval_report import SCHEMA, compare, open_backend, parse_spec  # noqa: E402
+from m2f import synth  # noqa: E402
+from m2f.cli import main  # noqa: E402
+from m2f.eval_data import find_layout  # noqa: E402
+from m2f.eval_images import segment_changes  # noqa: E402
+from m2f.eval_report import SCHEMA, compare, open_backend, parse_spec  # noqa: E402
 from mask2former.postprocess_numpy import PanopticResult, Segment  # noqa: E402
 from mask2former.weights import DEMO_WEIGHTS  # noqa: E402
 
@@ -137,8 +137,7 @@ def test_report_scores_equal_separate_eval_runs(cli_report, data, exports, capsy
 
 
 def test_report_says_what_produced_it(cli_report, exports):
-    from model_export.metadata import file_sha256
-    from model_export.onnx import checkpoint_sha256
+    from model_export.metadata import checkpoint_sha256, file_sha256
 
     report, folder = cli_report
     by_label = {b["label"]: b for b in report["backends"]}
@@ -261,7 +260,7 @@ def coco_copy(src: Path, dst: Path, split: str = "val") -> Path:
     (COCO's PNGs are colours), names unchanged; no semantic PNGs."""
     from PIL import Image
 
-    from mask2former.evaluate import read_id_map
+    from m2f.evaluate import read_id_map
 
     def big(i: int) -> int:
         return i * 1_000_003 + 7 if i else 0

@@ -17,7 +17,7 @@ from model_export.int8 import (  # noqa: E402
     integer_matmul_weights,
     store_weights,
 )
-from service.onnx_runtime import int8_weights_to_run  # noqa: E402
+from runtimes.onnx_runner import int8_weights_to_run  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former import synth
+from m2f import synth
 from service.settings import DEMO_DIR, Settings, demo_onnx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,8 +76,7 @@ def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------- the file
 def test_shipped_onnx_metadata_matches_the_checkpoint():
     from mask2former.config import read_config
-    from model_export.metadata import read_metadata
-    from model_export.onnx import checkpoint_sha256
+    from model_export.metadata import checkpoint_sha256, read_metadata
 
     meta = read_metadata(DEMO_ONNX)
     digest, files = checkpoint_sha256(DEMO_DIR)
@@ -135,16 +134,16 @@ def test_the_blocker_blocks(tmp_path):
 
 def test_cli_service_and_settings_import_without_torch(tmp_path):
     code = (
-        "import mask2former.cli, service.app, service.client, service.onnx_runtime\n"
+        "import m2f.cli, service.app, service.client, runtimes.onnx_runner, runtimes.ort_session\n"
         "from service.settings import Settings\n"
         "s = Settings()\n"
         "print(s.runtime, s.model)\n"
-        "mask2former.cli.build_parser().parse_args(['serve', '--log-format', 'json'])\n"
+        "m2f.cli.build_parser().parse_args(['serve', '--log-format', 'json'])\n"
     )
     r = run_python(code, blocker(tmp_path, NO_TORCH))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["onnxruntime", str(demo_onnx())]
-    r = run_python("import sys\nfrom mask2former.cli import main\nsys.exit(main(['serve', '--help']))", {})
+    r = run_python("import sys\nfrom m2f.cli import main\nsys.exit(main(['serve', '--help']))", {})
     assert r.returncode == 0 and "--log-format" in r.stdout
 
 
@@ -175,8 +174,8 @@ def test_serve_without_torch_answers_from_the_onnx_demo(start_server, tmp_path):
     """`m2f serve` with no --model, in a process where torch cannot be imported: the ONNX demo through ONNX
     Runtime, whose answer for the sample image agrees with PyTorch's in this process."""
     torch = pytest.importorskip("torch")
+    from m2f.cli import segment_image
     from mask2former import load_model
-    from mask2former.cli import segment_image
     from service.client import Client
 
     server = start_server("--max-batch-delay-ms", "1", env=blocker(tmp_path, NO_TORCH))

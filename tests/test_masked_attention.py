@@ -35,13 +35,14 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import pytest  # noqa: E402
 
 from mask2former import masked_attention as ma  # noqa: E402
+from mask2former.attention_mask import attention_mask, attention_mask_at_level  # noqa: E402
 from mask2former.masked_attention import (  # noqa: E402
     SIGMOID_HALF_BAND_F32,
     KernelConfig,
     masked_attention,
     masked_attention_reference,
 )
-from mask2former.transformer_decoder import DecoderLayer, attention_mask, attention_mask_at_level  # noqa: E402
+from mask2former.transformer_decoder import DecoderLayer  # noqa: E402
 
 needs_triton = pytest.mark.skipif(not ma.triton_available(), reason="triton is not installed (pip install triton)")
 

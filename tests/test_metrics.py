@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former.metrics import mask_ap, mean_iou, panoptic_quality
+from m2f.metrics import mask_ap, mean_iou, panoptic_quality
 
 # person, car: things; sky, grass: stuff
 CATEGORIES = [
@@ -355,8 +355,8 @@ def dataset(tmp_path_factory):
 
 
 def test_evaluate_all_tasks(tiny_checkpoint, dataset, tmp_path):
+    from m2f.evaluate import evaluate, format_report
     from mask2former import load_model
-    from mask2former.evaluate import evaluate, format_report
 
     model = load_model(tiny_checkpoint)
     r = evaluate(model, dataset, "panoptic", batch_size=2, progress=False)
@@ -387,7 +387,7 @@ def test_evaluate_all_tasks(tiny_checkpoint, dataset, tmp_path):
 
 
 def test_eval_cli_json(tiny_checkpoint, dataset, capsys):
-    from mask2former.cli import main
+    from m2f.cli import main
 
     for task in ("panoptic", "instance", "semantic"):
         argv = ["eval", "--weights", str(tiny_checkpoint), "--data", str(dataset), "--task", task, "--json"]

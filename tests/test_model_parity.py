@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from mask2former import load_model
+from mask2former.attention_mask import attention_mask, attention_mask_at_level, level_mask_logits
 from mask2former.reference import TINY, architecture, compare, hf_model
-from mask2former.transformer_decoder import attention_mask, attention_mask_at_level, level_mask_logits
 
 pytest.importorskip("transformers")
 

@@ -37,15 +37,12 @@ from mask2former import load_model  # noqa: E402
 from mask2former.postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
 from mask2former.reference import TINY, architecture, save_hf_checkpoint  # noqa: E402
 from model_export import int8  # noqa: E402
-from model_export.metadata import ExportMetadata, read_metadata, write_metadata  # noqa: E402
-from model_export.onnx import (  # noqa: E402
-    ExportCheckError,
-    check_against_pytorch,
-    checkpoint_sha256,
-    export_onnx,
-    float_tensor_types,
-)
-from service.onnx_runtime import OnnxRunner, available_cpus  # noqa: E402
+from model_export.check import ExportCheckError, check_against_pytorch  # noqa: E402
+from model_export.graph import float_tensor_types  # noqa: E402
+from model_export.metadata import ExportMetadata, checkpoint_sha256, read_metadata, write_metadata  # noqa: E402
+from model_export.onnx import export_onnx  # noqa: E402
+from runtimes.onnx_runner import OnnxRunner  # noqa: E402
+from runtimes.ort_session import available_cpus  # noqa: E402
 
 # torch's own export internals warn about their pytree API; not ours.
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
@@ -153,8 +150,8 @@ def test_check_detects_a_wrong_model(tiny_export, tiny_folder):
 
 def test_attention_mask_flips_are_attributed():
     """A flipped attention-mask bit is accepted only where the logit is within the tolerance of 0."""
-    from mask2former.transformer_decoder import attention_mask_at_level
-    from model_export.onnx import CheckResult, _find_flips
+    from mask2former.attention_mask import attention_mask_at_level
+    from model_export.check import CheckResult, _find_flips
 
     logits = torch.full((1, 2, 4), 3.0)  # the mask logits layer 0 attended with (B, Q, S), a 2x2 level
     logits[0, 1, 2:] = -3.0
@@ -291,7 +288,7 @@ NO_TORCH_SCRIPT = """
 import json, sys
 import numpy as np
 from PIL import Image
-from service.onnx_runtime import OnnxRunner
+from runtimes.onnx_runner import OnnxRunner
 from mask2former.processing import preprocess
 
 path, cache = sys.argv[1], sys.argv[2]
@@ -336,7 +333,7 @@ def test_runner_runs_without_torch_and_caches_the_optimized_graph(tiny_export, t
     assert Path(first["cache_path"]).is_file() and first["cache_path"] == second["cache_path"]
     assert OnnxRunner(path).sha256[:32] in first["cache_path"]  # keyed by the model file's hash
     assert first["mask_sum"] == pytest.approx(second["mask_sum"], rel=1e-6)
-    # The cached graph is optimized with the CPU fusions we turn off (service.onnx_runtime.open_session):
+    # The cached graph is optimized with the CPU fusions we turn off (runtimes.ort_session.open_session):
     # neither SkipLayerNormalization nor a Gemm made from a MatMul (the graph's own Gemms are 2-D linears).
     import onnx
 
@@ -444,7 +441,7 @@ def test_runner_converts_int8_weights_for_the_cpu(tiny_int8, tmp_path, monkeypat
     write_metadata(model, ExportMetadata(**{**meta.__dict__, "quantization_info": {}}))
     onnx.save(model, str(old))
     assert read_metadata(old).int8_weights == "int8"
-    monkeypatch.setattr("service.onnx_runtime.cpu_int8_kernel", lambda: kernel)
+    monkeypatch.setattr("runtimes.onnx_runner.cpu_int8_kernel", lambda: kernel)
     want = {"saturating": "uint8", "vnni": "int8"}[kernel]
     x = inputs((1, 3, 128, 128))[0]
     reference = OnnxRunner(path, threads=1).run(x)  # as stored or converted: the same integer products

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from schemathesis.config import SchemathesisConfig
 
-from mask2former import synth
+from m2f import synth
 from service.app import create_app
 from service.pipeline import ALLOWED_FORMATS
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from PIL import Image
 
-from mask2former import synth
+from m2f import synth
 from service.batching import choose_batch_size
 
 

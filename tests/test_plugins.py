@@ -35,8 +35,9 @@ import mask2former.pixel_decoder as pixel_decoder  # noqa: E402
 from mask2former.config import Mask2FormerConfig, SwinConfig  # noqa: E402
 from mask2former.mask2former import Mask2Former  # noqa: E402
 from mask2former.masked_attention import SIGMOID_HALF_BAND_F32, masked_attention_reference  # noqa: E402
+from model_export.graph import op_types  # noqa: E402
 from model_export.metadata import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
-from model_export.onnx import export_onnx, op_types  # noqa: E402
+from model_export.onnx import export_onnx  # noqa: E402
 from model_export.plugins import (  # noqa: E402
     MASKED_ATTENTION_DOMAIN,
     MASKED_ATTENTION_OP,
@@ -397,7 +398,7 @@ def test_shapes_module_stays_in_step_with_the_kernel():
 # ---------------------------------------------------------------------------------------------- CLI and options
 def test_cli_plugins_flag(monkeypatch, tmp_path, capsys):
     import model_export.onnx
-    from mask2former.cli import main
+    from m2f.cli import main
 
     seen = []
 
@@ -434,7 +435,7 @@ def test_plugin_export_options_are_checked_before_tracing(tiny_model, tmp_path, 
 
 
 def test_onnx_runtime_runner_refuses_plugin_graphs(plugin_export):
-    from service.onnx_runtime import OnnxRunner
+    from runtimes.onnx_runner import OnnxRunner
 
     path, _ = plugin_export
     with pytest.raises(ValueError, match="TensorRT plugin nodes"):

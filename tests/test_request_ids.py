@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from mask2former import synth
+from m2f import synth
 from service import logs
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import load_model, postprocess, postprocess_numpy, synth
+from m2f import synth
+from mask2former import load_model, postprocess, postprocess_numpy
 from mask2former.processing import load_image, preprocess
 from service.schemas import SegmentResponse
 

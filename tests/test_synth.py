@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import synth
-from mask2former.cli import main
+from m2f import synth
+from m2f.cli import main
 
 SIZES = [(160, 160), (96, 128), (64, 64)]
 

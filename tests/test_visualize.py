@@ -1,4 +1,4 @@
-"""Overlays: the distance transform, where labels go, and that they can be read (``mask2former.visualize``)."""
+"""Overlays: the distance transform, where labels go, and that they can be read (``m2f.visualize``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mask2former import visualize
+from m2f import visualize
 from service.encoding import segment_records
 
 

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former import synth, visualize
+from m2f import synth, visualize
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

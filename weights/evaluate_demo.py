@@ -7,7 +7,7 @@ Three disjoint sample streams, told apart by their generator seed: training used
 ``train_demo.py``), ``--tune`` picks the panoptic ``threshold`` on seed 999 and writes it into the
 checkpoint's ``config.json``, and the reported metrics come from seed 1000, which neither training nor
 tuning saw. PQ/SQ/RQ, mask AP (COCOeval) and mIoU are computed by ``m2f eval``'s code
-(:mod:`mask2former.evaluate`). The first ``--test-images`` held-out images are scored on their own too:
+(:mod:`m2f.evaluate`). The first ``--test-images`` held-out images are scored on their own too:
 ``tests/test_demo_model.py`` re-evaluates them in the default test run and compares with this record.
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mask2former import synth  # noqa: E402
-from mask2former.evaluate import evaluate  # noqa: E402
+from m2f import synth  # noqa: E402
+from m2f.evaluate import evaluate  # noqa: E402
 from mask2former.weights import DEMO_WEIGHTS, load_model  # noqa: E402
 
 VALIDATION_SEED = 999

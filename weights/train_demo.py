@@ -6,7 +6,7 @@
 Trains our own model (``mask2former.Mask2Former``) from scratch on the CPU with the Hungarian-matching
 loss of ``transformers`` (``Mask2FormerLoss``: class cross-entropy with a down-weighted "no object",
 point-sampled sigmoid-BCE and dice on the masks, on the final and every auxiliary prediction). Samples are
-generated on the fly from ``mask2former.synth`` with the training seed, so no image repeats. The result is
+generated on the fly from ``m2f.synth`` with the training seed, so no image repeats. The result is
 written as an HF checkpoint folder (``config.json`` with ``thing_ids``, ``preprocessor_config.json``,
 ``model.safetensors``) that ``load_model`` and ``transformers`` both read, plus ``training.json``.
 
@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mask2former import synth  # noqa: E402
+from m2f import synth  # noqa: E402
 from mask2former.config import (  # noqa: E402
     POSTPROCESS_KEYS,
     Mask2FormerConfig,

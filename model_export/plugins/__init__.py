@@ -39,6 +39,6 @@ MASKED_ATTENTION_OP = "MaskedAttention"
 MASKED_ATTENTION_VERSION = "1"
 MASKED_ATTENTION_NAMESPACE = "m2f"
 
-# The custom nodes a plugin graph may hold, as model_export.onnx.op_types keys them ("domain::Op").
+# The custom nodes a plugin graph may hold, as model_export.graph.op_types keys them ("domain::Op").
 PLUGIN_OPS = (f"{MS_DEFORM_ATTN_DOMAIN}::{MS_DEFORM_ATTN_OP}", f"{MASKED_ATTENTION_DOMAIN}::{MASKED_ATTENTION_OP}")
 PLUGIN_DOMAINS = (MS_DEFORM_ATTN_DOMAIN, MASKED_ATTENTION_DOMAIN)

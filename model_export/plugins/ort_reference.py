@@ -62,9 +62,12 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from onnxruntime_extensions import PyCustomOpDef, onnx_op
+    from onnxruntime_extensions import PyCustomOpDef, onnx_op  # lazy: onnxruntime-extensions (plugin graphs only)
 
-    from model_export.plugins.ops import masked_attention_logit_rule, ms_deform_attn_op
+    from model_export.plugins.ops import (  # lazy: triton, onnxscript (ops imports them; plugin graphs only)
+        masked_attention_logit_rule,
+        ms_deform_attn_op,
+    )
 
     f32, i32, string = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32, PyCustomOpDef.dt_string
     plugin_attrs = {"plugin_version": string, "plugin_namespace": string}
@@ -128,8 +131,8 @@ def contrib_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def reference_session(model: onnx.ModelProto | bytes, options: Any = None) -> Any:
     """An ONNX Runtime CPU session of a plugin graph (a ``ModelProto`` or its bytes) with the reference ops."""
-    import onnxruntime as ort
-    from onnxruntime_extensions import get_library_path
+    import onnxruntime as ort  # lazy: onnxruntime (the exporter imports this module; its check needs it)
+    from onnxruntime_extensions import get_library_path  # lazy: onnxruntime-extensions (plugin graphs only)
 
     register()
     if isinstance(model, bytes):

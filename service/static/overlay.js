@@ -1,4 +1,4 @@
-// Drawing segments over an image as mask2former/visualize.py does (m2f predict --overlay), for the web page:
+// Drawing segments over an image as m2f/visualize.py does (m2f predict --overlay), for the web page:
 // COCO RLE decoding, the blend of fills and outlines, label placement, colours. Same rules and arithmetic as
 // visualize.py, so both give the same pixels and label points (tests/test_web.py compares them).
 

@@ -2,7 +2,7 @@
 
 Every backend (a PyTorch checkpoint through the service's torch runner, an ``.onnx`` file float32 / float16 /
 int8 through its ONNX Runtime runner) runs over the same batches in one pass; each batch is scored with the
-same scorers as ``m2f eval`` (:mod:`mask2former.evaluate`), so a backend's PQ, mask AP and mIoU here are
+same scorers as ``m2f eval`` (:mod:`m2f.evaluate`), so a backend's PQ, mask AP and mIoU here are
 those of a separate ``m2f eval`` run with the same batch size. Besides the scores the report says where the
 backends differ and where they fail:
 
@@ -18,7 +18,7 @@ backends differ and where they fail:
 - timings per backend (one untimed warm-up run of the first batch, then inference and post-processing).
 
 :func:`compare` returns the report as a JSON-ready dict (``SCHEMA``, stable keys) and the overlay pictures of
-the listed images; :func:`run` writes ``report.json`` and ``report.html`` (:mod:`mask2former.report_html`).
+the listed images; :func:`run` writes ``report.json`` and ``report.html`` (:mod:`m2f.report_html`).
 """
 
 from __future__ import annotations
@@ -36,12 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from mask2former import metrics
-from mask2former.eval_data import DatasetLayout, find_layout
-from mask2former.eval_images import TopN, disagreement_key, image_quality, segment_changes, worst_key
-from mask2former.evaluate import MAX_INSTANCES, SCORERS, load_images, run_model
-from model_export.metadata import file_sha256
+from m2f import metrics, report_html
+from m2f.eval_data import DatasetLayout, find_layout
+from m2f.eval_images import TopN, disagreement_key, image_quality, segment_changes, worst_key
+from m2f.evaluate import MAX_INSTANCES, SCORERS, load_images, run_model
+from m2f.report_html import share
+from mask2former.processing import preprocess
+from model_export.metadata import checkpoint_sha256, file_sha256
+from runtimes import open_runner
+from service import pipeline
 
 SCHEMA = "m2f-eval-report/1"
 SUMMARY = {  # task -> (metric name, path into that task's metrics)
@@ -58,7 +63,7 @@ SUMMARY = {  # task -> (metric name, path into that task's metrics)
 # ---------------------------------------------------------------------------------------------- backends
 @dataclass
 class Backend:
-    """One model to compare: a runner (:mod:`service.runtime`) or, with ``--labels``, a PyTorch model."""
+    """One model to compare: a runner (:mod:`runtimes`) or, with ``--labels``, a PyTorch model."""
 
     label: str
     spec: str
@@ -102,8 +107,6 @@ def parse_spec(spec: str) -> tuple[str | None, Path, str | None]:
 
 
 def _checkpoint_hash(path: Path) -> dict[str, Any]:
-    from model_export.onnx import checkpoint_sha256  # torch is there: this backend runs on it
-
     combined, files = checkpoint_sha256(path)
     return {"sha256": combined, "files": files}
 
@@ -111,8 +114,6 @@ def _checkpoint_hash(path: Path) -> dict[str, Any]:
 def open_backend(spec: str, device: str = "cpu", labels: str | None = None, threads: int | None = None) -> Backend:
     """Load one ``--model``: an ``.onnx`` file runs in ONNX Runtime, anything else (HF folder, detectron2
     ``.pkl``/``.pth``) in PyTorch; ``labels`` (PyTorch only) as ``m2f eval --labels``."""
-    from service.runtime import open_runner
-
     label, path, spec_device = parse_spec(spec)
     device = spec_device or device
     if not path.exists():
@@ -136,7 +137,7 @@ def open_backend(spec: str, device: str = "cpu", labels: str | None = None, thre
         if labels is None:
             runner = open_runner(path, "torch", device=device, threads=threads)
         else:
-            from mask2former import load_model
+            from mask2former import load_model  # lazy: torch
 
             runner = load_model(path, device=device, labels=labels)
         info = _checkpoint_hash(path)
@@ -197,17 +198,13 @@ def compare(
 
     Args:
         backends: from :func:`open_backend`; the first is the reference the others are compared with.
-        data_dir: a dataset folder (:func:`~mask2former.eval_data.find_layout`).
+        data_dir: a dataset folder (:func:`~m2f.eval_data.find_layout`).
         task: score only this task (default: every task the dataset has ground truth for).
         worst: how many images each ranking lists (with pictures).
 
     Returns:
         (the report, JSON-ready; {image id: {"image" | "gt" | backend label: JPEG overlay}} for listed images).
     """
-    from tqdm import tqdm
-
-    from mask2former import report_html
-
     if not backends:
         raise ValueError("no backend to evaluate")
     if batch_size < 1:
@@ -265,9 +262,6 @@ def compare(
 
 def _run_backend(b: Backend, pil_images, chunk, tasks, scorers, gts, prepared, warm_up: bool) -> dict[str, list]:
     """One batch through one backend: every task's results (panoptic always), each scored; timings added."""
-    from mask2former.processing import preprocess
-    from service import pipeline
-
     cfg = b.config
     if cfg.preprocess not in prepared:
         prepared[cfg.preprocess] = preprocess(pil_images, cfg.preprocess)
@@ -458,8 +452,6 @@ def _num(x: float | None, sign: bool = False) -> str:
 def format_text(report: dict[str, Any], top: int = 5) -> str:
     """The report as a plain-text summary: scores with differences, the largest class drops, the images
     the backends disagree on most, the worst images, timings."""
-    from mask2former.report_html import share
-
     labels = [b["label"] for b in report["backends"]]
     data = report["data"]
     lines = [
@@ -544,15 +536,13 @@ def command_line(args: argparse.Namespace, specs: list[str]) -> str:
 
 
 def _demo() -> Path:
-    from mask2former.weights import DEMO_WEIGHTS
+    from mask2former.weights import DEMO_WEIGHTS  # lazy: torch (mask2former.weights imports it)
 
     return DEMO_WEIGHTS
 
 
 def write_report(report: dict[str, Any], pictures: dict[int, dict[str, bytes]], folder: str | Path) -> None:
     """``report.json`` (the report) and ``report.html`` (self-contained) in ``folder``."""
-    from mask2former import report_html
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")

@@ -1,4 +1,4 @@
-"""The HTML page of an ``m2f eval`` comparison report (:mod:`mask2former.eval_report`), and its pictures.
+"""The HTML page of an ``m2f eval`` comparison report (:mod:`m2f.eval_report`), and its pictures.
 
 One self-contained file: inline CSS, pictures as ``data:`` URIs (JPEG), charts as inline SVG, no script, so
 it opens anywhere without a network. Everything taken from the data (class names, paths, file names) is
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mask2former.eval_images import class_map
-from mask2former.visualize import palette
+from m2f.eval_images import class_map
+from m2f.visualize import palette
 
 MAX_SIDE = 240  # pictures are scaled down to this longest side
 ALPHA = 0.7  # opacity of the class colours over the image
@@ -362,7 +362,7 @@ def _timings(report: dict[str, Any], labels: list[str]) -> str:
 
 
 def render(report: dict[str, Any], pictures: dict[int, dict[str, bytes]]) -> str:
-    """The report (:func:`mask2former.eval_report.compare`) as one self-contained HTML page."""
+    """The report (:func:`m2f.eval_report.compare`) as one self-contained HTML page."""
     labels = [b["label"] for b in report["backends"]]
     title = "m2f eval: " + " vs ".join(labels)
     data = report["data"]

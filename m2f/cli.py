@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from m2f import bulk, eval_report, evaluate, synth
+from m2f.evaluate import run_model
+from m2f.visualize import draw_overlay
+from mask2former.config import ResNetConfig
 from mask2former.postprocess_numpy import TASKS
+from mask2former.processing import load_image
+from model_export.cli import add_export_parser
+from service import pipeline
 
 
 def segment_image(
@@ -24,12 +31,9 @@ def segment_image(
 ) -> dict[str, Any]:
     """Run one PIL image through preprocessing, the model and ``task`` post-processing; a JSON-ready dict.
 
-    ``model`` is a PyTorch model or a runner (``service.runtime``); the steps are the service's
+    ``model`` is a PyTorch model or a runner (:mod:`runtimes`); the steps are the service's
     (:mod:`service.pipeline`), so ``m2f predict`` answers what ``POST /v1/segment`` answers.
     """
-    from mask2former.evaluate import run_model
-    from service import pipeline
-
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     cfg = model.config
@@ -57,9 +61,7 @@ def segment_image(
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from mask2former import load_model
-    from mask2former.processing import load_image
-    from mask2former.visualize import draw_overlay
+    from mask2former import load_model  # lazy: torch
 
     try:
         image = load_image(args.image)
@@ -158,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (ray://host:10001 or auto); default: a local Ray")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per output shard (1000)")
-    p.add_argument("--batch-size", type=int, help="images per forward pass (default: 4 on CPU, 8 on GPU)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per forward pass (default: on CPU each actor times 1, 2, 4, 8 and keeps the largest that raises images/s; 8 on GPU)",
+    )
     p.add_argument("--actors", type=int, help="inference actors (default: one per GPU, or per 8 cores of a node)")
     p.add_argument("--threads", type=int, help="intra-op threads per actor (default: node cores / actors - 1)")
     p.add_argument("--bucket-px", type=int, default=128, help="batch images whose padded sizes round to the same")
@@ -214,8 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help=LABELS_HELP)
     p.set_defaults(run=_convert)
 
-    from model_export.cli import add_export_parser
-
     add_export_parser(sub)
     return parser
 
@@ -229,9 +233,8 @@ LABELS_HELP = (
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from mask2former.config import ResNetConfig
-    from mask2former.detectron2 import read_detectron2, write_hf_checkpoint
-    from mask2former.weights import build_model
+    from mask2former.detectron2 import read_detectron2, write_hf_checkpoint  # lazy: torch
+    from mask2former.weights import build_model  # lazy: torch
 
     if not args.source.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {args.source}")
@@ -253,16 +256,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from mask2former import synth
-
     return synth.run(args)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
+    from pydantic import ValidationError  # lazy: pydantic (the serve extra)
 
-    from service.app import serve
-    from service.settings import Settings
+    from service.app import serve  # lazy: fastapi, uvicorn (the serve extra)
+    from service.settings import Settings  # lazy: pydantic-settings (the serve extra)
 
     names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")
     names += ("request_timeout_s", "threads", "cache_dir", "log_level", "log_format", "batch_profile")
@@ -274,21 +275,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from mask2former import bulk
-
     return bulk.run(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from mask2former import evaluate
-
     if args.model or args.report is not None:
         if getattr(args, "predictions", None) is not None:
             raise ValueError("--predictions scores a finished job; leave out --model and --report")
         if args.model and (args.weights or args.onnx):
             raise ValueError("give every backend as --model (--weights/--onnx evaluate one model)")
-        from mask2former import eval_report
-
         return eval_report.run(args)
     if args.task is None and getattr(args, "predictions", None) is None:
         args.task = "panoptic"

@@ -10,14 +10,14 @@ The dataset folder (what ``m2f synth`` writes; COCO conventions, category ids = 
 
 or COCO's layout for one split (``val2017/``, ``annotations/panoptic_val2017.json`` and its PNG folder,
 ``annotations/instances_val2017.json``), with categories matched to the model's labels by name where the ids
-differ (:mod:`mask2former.eval_data`). Without semantic PNGs, mIoU is scored on class maps painted from the
+differ (:mod:`m2f.eval_data`). Without semantic PNGs, mIoU is scored on class maps painted from the
 panoptic ground truth.
 
 The pipeline is the serving one: :func:`~mask2former.processing.load_image`, batched
 :func:`~mask2former.processing.preprocess`, the model (PyTorch, or a runner such as ONNX Runtime's), and the
 task's post-processing (:func:`service.pipeline.postprocess`, numpy) with the checkpoint's defaults (panoptic: the config's ``threshold``, ``mask_threshold``
 and ``overlap_mask_area_threshold``; instance: threshold 0.0 and the top 100 pairs). The metrics and their
-conventions are in :mod:`mask2former.metrics`.
+conventions are in :mod:`m2f.metrics`.
 """
 
 from __future__ import annotations
@@ -31,11 +31,16 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
+from tqdm import tqdm
 
-from mask2former import metrics
-from mask2former.eval_data import DatasetLayout, find_layout, label_ids
-from mask2former.eval_images import class_map
+from m2f import metrics
+from m2f.bulk_io import Predictions
+from m2f.eval_data import DatasetLayout, find_layout, label_ids
+from m2f.eval_images import class_map
 from mask2former.postprocess_numpy import TASKS
+from mask2former.processing import load_image, preprocess
+from service import pipeline
 
 MAX_INSTANCES = 100  # COCO scores at most 100 detections per image
 
@@ -141,7 +146,6 @@ class _Instance(_Task):
         self.predictions: list[dict[str, Any]] = []
 
     def add(self, image: _Image, result, gt=None) -> None:
-        from pycocotools import mask as mask_util
 
         labels = result.labels
         keep = np.isin(labels, list(self.to_category))  # other labels (stuff) are not scored by COCOeval
@@ -220,18 +224,13 @@ def evaluate(
         batch_size: images per forward pass.
         limit: evaluate the first ``limit`` images (in JSON order) only.
         progress: show a tqdm progress bar on standard error.
-        split: the split of a COCO-layout folder (:func:`~mask2former.eval_data.find_layout`).
+        split: the split of a COCO-layout folder (:func:`~m2f.eval_data.find_layout`).
 
     Returns:
         ``{"task", "model", "data", "num_images", "metrics"}``, ``metrics`` being what
-        :func:`~mask2former.metrics.panoptic_quality`, :func:`~mask2former.metrics.mask_ap` or
-        :func:`~mask2former.metrics.mean_iou` return.
+        :func:`~m2f.metrics.panoptic_quality`, :func:`~m2f.metrics.mask_ap` or
+        :func:`~m2f.metrics.mean_iou` return.
     """
-    from tqdm import tqdm
-
-    from mask2former.processing import preprocess
-    from service import pipeline
-
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     if batch_size < 1:
@@ -270,8 +269,6 @@ def evaluate(
 
 def load_images(layout: DatasetLayout, chunk: list[_Image]) -> list[Image.Image]:
     """The images of ``chunk`` (RGB, EXIF applied), checked against the sizes their JSON gives."""
-    from mask2former.processing import load_image
-
     pil_images = [load_image(layout.images / im.file_name) for im in chunk]
     for im, pil in zip(chunk, pil_images):
         if im.width is not None and im.height is not None and pil.size != (int(im.width), int(im.height)):
@@ -293,8 +290,6 @@ def evaluate_predictions(
     or one ending in ``/<file_name>``). Every scored image needs a prediction. ``task`` must be the job's;
     ``split`` chooses the split of a COCO-layout folder, as for :func:`evaluate`.
     """
-    from mask2former.bulk_io import Predictions
-
     preds = Predictions(str(predictions))
     if task is not None and task != preds.task:
         raise ValueError(f"{predictions} holds {preds.task} predictions; evaluate them with --task {preds.task}")
@@ -325,14 +320,14 @@ def evaluate_predictions(
 
 def run_model(model, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(class_logits, mask_logits) as float32 numpy from a PyTorch model, or from a runner with
-    ``run(pixel_values)`` (:mod:`service.runtime`); a graph with a fixed batch or image size gets the batch in
+    ``run(pixel_values)`` (:mod:`runtimes`); a graph with a fixed batch or image size gets the batch in
     chunks of its size and the images zero-padded to it (as preprocessing pads), the outputs cut back."""
     if hasattr(model, "run"):
         spec = getattr(model, "input", None)
         if spec is None or (spec.batch is None and spec.size is None):
             return model.run(pixel_values)
         return _run_fixed(model, pixel_values, spec.batch, spec.size)
-    import torch
+    import torch  # lazy: torch (runners need no torch)
 
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -405,11 +400,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result) if args.json else format_report(result))
         return 0
     if getattr(args, "onnx", None) is not None:
-        from service.onnx_runtime import OnnxRunner
+        from runtimes.onnx_runner import OnnxRunner  # lazy: onnxruntime
 
         model = OnnxRunner(args.onnx)
     else:
-        from mask2former import load_model
+        from mask2former import load_model  # lazy: torch
 
         model = load_model(args.weights, device=args.device, labels=getattr(args, "labels", None))
     split = getattr(args, "split", None)

@@ -2,10 +2,10 @@
 
 The pipeline is the service's, step for step (:mod:`service.pipeline`), as Ray Data operators:
 
-1. read bytes (any filesystem, :mod:`mask2former.bulk_io`), decode and prepare: CPU tasks
+1. read bytes (any filesystem, :mod:`m2f.bulk_io`), decode and prepare: CPU tasks
    (:func:`service.pipeline.decode`, :func:`service.pipeline.prepare`); an image that cannot be read or
    decoded becomes an error row, recorded in ``errors.jsonl``, and the job goes on;
-2. inference: a pool of actors, each holding one runner (:func:`service.runtime.open_runner`, PyTorch or
+2. inference: a pool of actors, each holding one runner (:func:`runtimes.open_runner`, PyTorch or
    ONNX Runtime); each call groups its images by padded size with the service's
    :class:`~service.batching.BatchPolicy` and pads each batch to its largest member, as the service does;
 3. post-processing and COCO RLE: CPU tasks (:func:`service.pipeline.answer`);
@@ -36,19 +36,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
-from mask2former import bulk_io
-from mask2former.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
+from m2f import bulk_io
+from m2f.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
 from mask2former.config import Mask2FormerConfig, preprocess_to_hf, read_config
 from mask2former.postprocess_numpy import TASKS
+from model_export.metadata import read_metadata
+from runtimes import default_side, open_runner
 from service import pipeline
-from service.batching import BatchPolicy, Item, assemble
-from service.runtime import open_runner
+from service.batching import BatchPolicy, Item, assemble, choose_batch_size, profile_batches
 
 IDENTITY = ("num_images", "listing_sha256", "model", "runtime", "task", "format", "shard_size")
 IDENTITY += ("threshold", "overlap_mask_area_threshold", "max_instances")
 MAX_PIXELS = 40_000_000  # the service's default limit
 DEMO_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "demo"  # mask2former.weights'; that imports torch
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- model and plan
@@ -60,15 +63,13 @@ def model_spec(model: str | None, runtime: str) -> tuple[Mask2FormerConfig, tupl
     if runtime == "onnxruntime":
         if model is None:
             raise ValueError("the onnxruntime runtime needs an .onnx file (export one with `m2f export onnx`)")
-        from model_export.metadata import read_metadata
-
         meta = read_metadata(model)
         return meta.to_config(), tuple(meta.input_shape), runtime
     if runtime != "torch":
         raise ValueError(f"unknown runtime {runtime!r}; choose auto, torch or onnxruntime")
     path = Path(model) if model is not None else DEMO_WEIGHTS
     if path.is_file():
-        from mask2former.detectron2 import read_detectron2
+        from mask2former.detectron2 import read_detectron2  # lazy: torch
 
         config = read_detectron2(path, None)[0]
     else:
@@ -82,9 +83,10 @@ class Plan:
 
     actors: int
     threads: int | None  # intra-op threads of each actor's runner (None: the runtime's choice)
-    batch_size: int
+    batch_size: int  # with ``profile``: the largest batch each actor may choose
     actor_cpus: float  # Ray CPUs each actor reserves; the rest run decoding and post-processing
     actor_gpus: float
+    profile: bool = False  # actors time batches of 1, 2, 4, ... and keep the largest that pays (as the service)
 
 
 def plan_resources(
@@ -97,8 +99,9 @@ def plan_resources(
     batch_size: int | None = None,
 ) -> Plan:
     """Defaults from the machine: on GPUs one actor per GPU (batches of 8); on CPUs one actor per 8 cores of
-    a node, with the node's cores less one per actor as its threads (batches of 4, the service's default): the
-    spare cores decode and post-process. Actors reserve their threads in Ray CPUs, but leave at least one CPU
+    a node, with the node's cores less one per actor as its threads, and batches of up to 8 chosen by each
+    actor from its own timing (``profile``: a batch only where it raises images/s; the demo model gains from
+    8, swin-tiny from none): the spare cores decode and post-process. Actors reserve their threads in Ray CPUs, but leave at least one CPU
     of the cluster to those tasks (an intra-op thread pool on cores that other work also wants is much slower
     than one thread fewer: its threads wait for each other)."""
     nodes = max(1, round(cluster_cpus / node_cpus)) if node_cpus else 1
@@ -113,7 +116,7 @@ def plan_resources(
     per_node = math.ceil(actors / nodes)
     threads = threads or max(1, int(node_cpus) // per_node - 1)
     cpus = max(0.0, min(threads, (cluster_cpus - 1) / actors))
-    return Plan(actors, threads, batch_size or 4, cpus, 0.0)
+    return Plan(actors, threads, batch_size or 8, cpus, 0.0, profile=batch_size is None)
 
 
 # ---------------------------------------------------------------------------------------------- Ray stages
@@ -143,11 +146,25 @@ class Infer:
     """An inference actor: one runner; each call batches its images by padded size as the service does."""
 
     def __init__(
-        self, model: str | None, runtime: str, device: str, threads: int | None, batch_size: int, bucket_px: int
+        self,
+        model: str | None,
+        runtime: str,
+        device: str,
+        threads: int | None,
+        batch_size: int,
+        bucket_px: int,
+        profile: bool = False,
     ):
         self.runner = open_runner(model, runtime, device, threads)
         spec = self.runner.input
         self.fixed_batch = spec.batch
+        if profile and spec.batch is None and batch_size > 1:
+            size = spec.size or (default_side(self.runner.config),) * 2
+            self.runner.warmup()
+            seconds = profile_batches(self.runner.run, size, batch_size)
+            batch_size = choose_batch_size(seconds)  # no latency limit: a bulk job wants images/s
+            per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in seconds.items())
+            log.info("batch profile at %dx%d, seconds per image: %s -> batch size %d", *size, per_image, batch_size)
         self.policy = BatchPolicy(
             max_batch_size=spec.batch or batch_size,
             max_delay_s=0.0,
@@ -213,8 +230,8 @@ def import_ray() -> Any:
     Usage statistics are off unless the environment says otherwise."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        import ray
-        import ray.data  # noqa: F401
+        import ray  # lazy: ray (the batch extra)
+        import ray.data  # noqa: F401  # lazy: ray
     except ImportError:
         raise ValueError("m2f batch needs Ray Data: pip install 'mask2former-serve[batch]'") from None
     return ray
@@ -381,6 +398,7 @@ def _dataset(ray: Any, job: Job, ids: list[int], plan: Plan, settings: dict[str,
             "threads": plan.threads,
             "batch_size": plan.batch_size,
             "bucket_px": settings["bucket_px"],
+            "profile": plan.profile,
         },
     )
     task = job.doc["task"]
@@ -398,8 +416,6 @@ def _dataset(ray: Any, job: Job, ids: list[int], plan: Plan, settings: dict[str,
 def _collect(job: Job, ds: Any, total: int, progress: bool) -> tuple[list[dict[str, Any]], list[tuple[int, float]]]:
     """Stream the results, write PNGs as they come and each shard when complete; the new shards' markers and
     the timeline (images done, ``time.perf_counter``) after each batch of results."""
-    from tqdm import tqdm
-
     records: dict[int, list[dict[str, Any]]] = {}
     errors: dict[int, list[dict[str, Any]]] = {}
     seen: dict[int, int] = {}
@@ -487,23 +503,18 @@ def run_batch(
             plan = cluster_plan(ray, device, actors=actors, threads=threads, batch_size=batch_size)
             new, timeline = _collect(job, _dataset(ray, job, ids, plan, settings, shape), len(ids), progress)
     wall = time.perf_counter() - started
-    return _summary(job, new, len(done), wall, _rates(timeline, started))
+    return _summary(job, new, len(done), wall, _first_result_s(timeline, started))
 
 
-def _rates(timeline: list[tuple[int, float]], started: float) -> dict[str, float | None]:
-    """When the first results came (start-up: Ray, the actors, the model) and the rate from then on: the images
-    after the first delivery over the time to the last (what a long job runs at). Ray Data delivers results
-    in bursts, so a rate over a window that is not bounded by deliveries (e.g. the second half of the
-    images) over- or under-counts a burst."""
-    if not timeline:
-        return {"first_result_s": None, "steady_images_per_s": None}
-    (first_n, first_t), (total, end) = timeline[0], timeline[-1]
-    rate = (total - first_n) / (end - first_t) if end > first_t else None
-    return {"first_result_s": round(first_t - started, 3), "steady_images_per_s": rate and round(rate, 3)}
+def _first_result_s(timeline: list[tuple[int, float]], started: float) -> float | None:
+    """When the first results came: start-up (Ray, the actors, the model) and the first batch. No rate is
+    derived from the deliveries: Ray Data hands results over in bursts, which makes any window between them
+    meaningless as a throughput (bench/batch.py measures the rate without start-up from two job sizes)."""
+    return round(timeline[0][1] - started, 3) if timeline else None
 
 
 def _summary(
-    job: Job, new: list[dict[str, Any]], skipped: int, wall: float, rates: dict[str, float | None]
+    job: Job, new: list[dict[str, Any]], skipped: int, wall: float, first_result_s: float | None
 ) -> dict[str, Any]:
     markers = job.markers()
     complete = len(markers) == job.num_shards
@@ -526,7 +537,7 @@ def _summary(
             "errors": sum(len(m["errors"]) for m in new),
             "wall_s": round(wall, 3),
             "images_per_s": round(count / wall, 3) if wall > 0 else None,
-            **rates,  # first_result_s, steady_images_per_s
+            "first_result_s": first_result_s,
         },
     }
     if complete and (new or not job.folder.exists("_SUCCESS")):
@@ -537,10 +548,7 @@ def _summary(
 def format_summary(s: dict[str, Any]) -> str:
     r = s["this_run"]
     rate = f"{r['images_per_s']:.2f}" if r["images_per_s"] is not None else "-"
-    start = f" (first results after {r['first_result_s']:.1f} s" if r["first_result_s"] is not None else ""
-    if start:
-        steady = r["steady_images_per_s"]
-        start += f", then {steady:.2f} images/s)" if steady else ")"
+    start = f" (first results after {r['first_result_s']:.1f} s)" if r["first_result_s"] is not None else ""
     lines = [
         f"this run: {r['images']} image(s) in {r['shards']} shard(s) ({r['skipped_shards']} already done) in "
         f"{r['wall_s']:.1f} s{start}, {rate} images/s; {r['segments']} segment(s), {r['errors']} error(s)",

@@ -1,4 +1,4 @@
-"""Per-image comparisons for ``m2f eval`` reports (:mod:`mask2former.eval_report`): what one backend's panoptic
+"""Per-image comparisons for ``m2f eval`` reports (:mod:`m2f.eval_report`): what one backend's panoptic
 output changed from another's, how one image scores against its ground truth, and the rankings built on them.
 
 Two outputs' segments match when their IoU is over 0.5 (at most one partner each, since the segments of one
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mask2former import metrics
+from m2f import metrics
 
 _OFFSET = 1 << 24  # segment ids of one image are < 2^24: a * _OFFSET + b identifies a pair
 

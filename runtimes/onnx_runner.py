@@ -3,8 +3,8 @@
 No torch on this path: labels, thing/stuff flags, preprocessing and thresholds come from the file's
 metadata (:mod:`model_export.metadata`), inputs and outputs are numpy arrays.
 
-Sessions use every graph optimization ONNX Runtime has (``ORT_ENABLE_ALL``), one intra-op thread per
-core this process may use (CPU affinity and a cgroup CPU quota are honoured), and, with a ``cache_dir``,
+Sessions are opened as :mod:`runtimes.ort_session` says (every graph optimization but the CPU fusions that
+slow these graphs down, one intra-op thread per usable core) and, with a ``cache_dir``,
 keep the optimized graph on disk keyed by the model file's SHA-256 (plus the ONNX Runtime version, the
 execution providers and the CPU kind, since an optimized graph is specific to the hardware it was made
 on), so that later starts skip the optimization passes.
@@ -19,10 +19,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import platform
 import re
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,85 +31,12 @@ import onnxruntime as ort
 from mask2former.config import Mask2FormerConfig
 from model_export.int8 import WEIGHT_DTYPES, cpu_int8_kernel, store_weights
 from model_export.metadata import file_sha256, read_metadata
-from service.runtime import InputSpec, default_side
+from runtimes.ort_session import available_cpus, disabled_optimizers, hardware_tag, open_session, session_options
+from runtimes.runner import InputSpec, default_side
 
 log = logging.getLogger(__name__)
 
 _NP_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
-
-
-def available_cpus() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return n
-
-
-def hardware_tag() -> str:
-    """A short digest of the CPU kind (architecture and feature flags): ONNX Runtime's fully optimized graphs
-    use kernels laid out for the CPU's vector width, so a cached one is only valid on the same kind."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
-
-
-# ONNX Runtime fusions that make these graphs slower on the CPU (measured interleaved against the default,
-# swin-tiny, 2 cores): SkipLayerNormalization (residual Add + LayerNorm) and MatMul + Add -> Gemm. Without
-# them float32 runs 7-10% faster at 384 and 640 px, int8 5-6% (bench/onnxruntime_settings.py, BENCHMARKS.md).
-# Other providers keep them.
-CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
-
-
-def disabled_optimizers(providers: list[str]) -> list[str]:
-    """The graph optimizers we turn off for these providers."""
-    return list(CPU_DISABLED_OPTIMIZERS) if providers == ["CPUExecutionProvider"] else []
-
-
-def open_session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
-    """An inference session on ``source`` (a path or a serialized model) with our graph-optimizer choices.
-
-    Made on a throwaway thread: with ``session.set_denormal_as_zero`` ONNX Runtime switches the creating
-    thread to flush-to-zero / denormals-are-zero (as well as its own pool threads), which would silently
-    change the caller's float arithmetic (Python floats, numpy; hypothesis refuses to run under it). Running
-    the session later does not touch the caller's mode."""
-    with ThreadPoolExecutor(1, thread_name_prefix="ort-open") as pool:
-        return pool.submit(
-            ort.InferenceSession,
-            source,
-            options,
-            providers=providers,
-            disabled_optimizers=disabled_optimizers(providers),
-        ).result()
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """How we run Mask2Former graphs on the CPU: all graph optimizations, ``threads`` intra-op threads."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1  # the graph is one chain of big ops; parallelism is within ops
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Flush denormals to zero: softmax over masked scores (Swin's -100 shift mask, masked attention) and
-    # activation tails produce them, and x86 handles them in slow microcode. 1-4% faster on swin-tiny;
-    # outputs identical in our measurements (bench/onnxruntime_settings.py, BENCHMARKS.md).
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
-    # Idle intra-op threads sleep instead of spinning: the service decodes and post-processes in other
-    # threads on the same cores, and spinning threads take their time. Demo model, 2 cores, 2 busy numpy
-    # threads beside it: 72-74 ms per forward pass without spinning, 99-102 ms with; alone about the same
-    # (bench/spin_wait.py, BENCHMARKS.md).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return opts
 
 
 def int8_weights_to_run(stored: str, kernel: str | None, providers: list[str]) -> str:

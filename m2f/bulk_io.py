@@ -1,4 +1,4 @@
-"""Files of ``m2f batch`` (:mod:`mask2former.bulk`): input listing, output shards, and reading them back.
+"""Files of ``m2f batch`` (:mod:`m2f.bulk`): input listing, output shards, and reading them back.
 
 Paths are local paths or URIs of any filesystem pyarrow opens (``s3://``, ``gs://``, ``hdfs://``) or, failing
 that, fsspec (``memory://``, ``az://``, ... when its package is installed). pyarrow comes with Ray Data, an
@@ -27,7 +27,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
@@ -64,18 +64,18 @@ PYARROW_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs")  # pyarrow's own remote 
 @functools.lru_cache(maxsize=32)
 def _filesystem_of(root: str):
     """One filesystem per scheme and bucket or host (an S3 one looks up the bucket's region once)."""
-    from pyarrow import fs
+    from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
     if root.split("://", 1)[0] in PYARROW_SCHEMES:
         return fs.FileSystem.from_uri(root)[0]
-    import fsspec
+    import fsspec  # lazy: fsspec (other filesystems; optional)
 
     return fs.PyFileSystem(fs.FSSpecHandler(fsspec.core.url_to_fs(root)[0]))
 
 
 def filesystem(uri: str):
     """A local path or URI -> (pyarrow filesystem, path on it)."""
-    from pyarrow import fs
+    from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
     if not has_scheme(uri):
         return fs.LocalFileSystem(), os.path.abspath(uri)
@@ -110,7 +110,7 @@ def list_inputs(spec: str) -> list[Source]:
     """The images of ``spec``: a folder (recursive), a glob (``**`` crosses folders), a manifest (.txt lines,
     .csv or .parquet with a ``path`` column, else the first column; relative entries are relative to the
     manifest's folder) or one image file. Folders and globs are sorted by path; manifests keep their order."""
-    from pyarrow import fs
+    from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
     if _GLOB_CHARS.search(spec):
         return _list_glob(spec)
@@ -130,7 +130,7 @@ def list_inputs(spec: str) -> list[Source]:
 
 def _list_folder(root_uri: str, pattern: re.Pattern[str] | None = None, recursive: bool = True) -> list[Source]:
     """Images under a folder, or its files whose relative path matches ``pattern``, sorted by that path."""
-    from pyarrow import fs
+    from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
     fsys, root = filesystem(root_uri)
     infos = fsys.get_file_info(fs.FileSelector(root, recursive=recursive))
@@ -178,7 +178,7 @@ def _list_glob(spec: str) -> list[Source]:
 
 def _manifest_entries(data: bytes, suffix: str) -> list[str]:
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: pyarrow (the batch extra)
 
         table = pq.read_table(io.BytesIO(data))
         name = "path" if "path" in table.column_names else table.column_names[0]
@@ -226,7 +226,7 @@ class Folder:
         return f"{self.root.rstrip('/')}/{name}"
 
     def exists(self, name: str) -> bool:
-        from pyarrow import fs
+        from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
         return self.fs.get_file_info(self.path(name)).type != fs.FileType.NotFound
 
@@ -254,7 +254,7 @@ class Folder:
 
     def names(self, folder: str) -> list[str]:
         """File names directly in ``folder`` (relative to the root), sorted; [] when it does not exist."""
-        from pyarrow import fs
+        from pyarrow import fs  # lazy: pyarrow (the batch extra)
 
         infos = self.fs.get_file_info(fs.FileSelector(self.path(folder), allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == fs.FileType.File and ".tmp-" not in i.base_name)
@@ -270,8 +270,6 @@ def panoptic_png_name(image_id: int) -> str:
 
 def job_config(job: dict[str, Any]) -> Mask2FormerConfig:
     """The model config (labels, things) a job ran with, from its ``_job.json``."""
-    from dataclasses import replace
-
     return replace(Mask2FormerConfig.from_hf_dict(job["config"]), name=job["model_name"])
 
 
@@ -303,7 +301,7 @@ def coco_shard(task: str, records: list[dict[str, Any]], config: Mask2FormerConf
 
 
 def parquet_schema():
-    import pyarrow as pa
+    import pyarrow as pa  # lazy: pyarrow (the batch extra)
 
     segment = pa.struct(
         [
@@ -324,8 +322,8 @@ def parquet_schema():
 
 def parquet_shard(records: list[dict[str, Any]]) -> bytes:
     """One shard's records as Parquet bytes: one row per image."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # lazy: pyarrow (the batch extra)
+    import pyarrow.parquet as pq  # lazy: pyarrow (the batch extra)
 
     table = pa.Table.from_pylist(records, schema=parquet_schema())
     buf = io.BytesIO()
@@ -368,7 +366,7 @@ class Predictions:
         shards = [n for n in self.folder.names("") if n.startswith("shard-")]
         for name in shards:
             if name.endswith(".parquet"):
-                import pyarrow.parquet as pq
+                import pyarrow.parquet as pq  # lazy: pyarrow (the batch extra)
 
                 for row in pq.read_table(io.BytesIO(self.folder.read(name))).to_pylist():
                     yield row["image_id"], row

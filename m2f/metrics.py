@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 VOID = 0  # the id of void pixels in a panoptic id map
 _OFFSET = 1 << 24  # ids of a COCO panoptic PNG are < 256^3; gt * _OFFSET + pred fits in int64
@@ -216,8 +218,6 @@ AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def _coco_from(instances: str | Path | Mapping[str, Any]):
-    from pycocotools.coco import COCO
-
     if isinstance(instances, (str, Path)):
         dataset = json.loads(Path(instances).read_text())
     else:
@@ -247,9 +247,6 @@ def mask_ap(
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in 0..100 (``None`` where the GT has no instance
         to score), plus ``num_images`` and ``num_predictions``. No predictions give AP 0.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     gt = _coco_from(instances)
     img_ids = sorted(gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     missing = set(img_ids) - set(gt.getImgIds())

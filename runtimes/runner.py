@@ -1,0 +1,57 @@
+"""The runner interface: ``run(pixel_values) -> (class_logits, mask_logits)`` on numpy.
+
+- :class:`runtimes.torch_runner.TorchRunner`: our PyTorch model (CPU or CUDA), from an HF-format checkpoint folder.
+- :class:`runtimes.onnx_runner.OnnxRunner`: a graph written by ``m2f export onnx``, without torch.
+
+Both carry the model's :class:`~mask2former.config.Mask2FormerConfig` (labels, thing/stuff flags,
+preprocessing, thresholds) and an :class:`InputSpec` that says which input axes are fixed, so the
+batcher knows whether it may choose batch size and padded shape freely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from mask2former.config import Mask2FormerConfig
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The graph's input: name, (B, 3, H, W) with a string where an axis is dynamic, and element type."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: np.dtype
+
+    @property
+    def batch(self) -> int | None:
+        """The fixed batch size, or None when dynamic."""
+        return self.shape[0] if isinstance(self.shape[0], int) else None
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """The fixed (height, width), or None when dynamic."""
+        h, w = self.shape[2], self.shape[3]
+        return (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+
+class Runner(Protocol):
+    name: str  # "torch" | "onnxruntime"
+    config: Mask2FormerConfig
+    input: InputSpec
+
+    def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def warmup(self, height: int | None = None, width: int | None = None) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def default_side(config: Mask2FormerConfig) -> int:
+    """The checkpoint's shortest edge rounded up to its size divisor: a typical padded side for warm-up."""
+    pre = config.preprocess
+    div = max(pre.size_divisor, 1)
+    return -(-pre.shortest_edge // div) * div

@@ -1,0 +1,214 @@
+"""What the HTTP service's routes share (:class:`ServiceState`): settings, runner, batcher, metrics, admission
+and drain state, and the start-up that loads the model and starts the batcher.
+
+Admission: a request is let in only while at most ``max_queue`` are admitted and the measured cost of those
+(forward pass per image + post-processing per request, :class:`~service.admission.Capacity`) leaves it time
+to finish within its deadline; else 503 + Retry-After at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from runtimes import Runner, default_side, open_runner
+from service.admission import Capacity
+from service.batching import Batcher, BatchPolicy, choose_batch_size, profile_batches
+from service.errors import HTTPError
+from service.logs import ContextThreadPoolExecutor
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("m2f.service")
+
+# Admission: a request is let in only while the measured cost of those admitted, plus its own, fits in
+# this share of the request timeout (the rest is margin for decoding, uploads and noise).
+ADMIT_FRACTION = 0.5
+
+
+class ServiceState:
+    """Everything the routes share: settings, runner, batcher, metrics, admission and drain state."""
+
+    def __init__(self, settings: Settings, runner: Runner | None = None):
+        self.settings = settings
+        self.metrics = Metrics(settings.max_batch_size)
+        self.runner: Runner | None = runner
+        self.batcher: Batcher | None = None
+        self.ready = False
+        self.draining = False
+        self.load_error: BaseException | None = None
+        self.admitted = 0
+        self.uploads = 0  # bodies being read
+        self.abandoned = asyncio.Event()  # set at the drain timeout: open requests are answered 503
+        self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
+        # Request work (decode, post-processing): a pool that keeps the request id on the worker's log lines.
+        self.cpu_pool = ContextThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
+        self.capacity = Capacity()  # measured cost per request, for admission
+        self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
+        self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, on_load_error: Callable[[], None]) -> None:
+        """Start-up, run in the background once the app has started: load and warm the model in the inference
+        thread, then start the batcher. A failure is kept in ``load_error`` (reported on /readyz) and
+        ``on_load_error`` is called (``serve`` makes it stop the server)."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.infer_pool, self.load)
+            self.start_batcher()
+            log.info("ready: %s", json.dumps(self.runner.describe()))
+        except Exception as e:  # noqa: BLE001 - reported on /readyz and ends `m2f serve`
+            self.load_error = e
+            log.error("model failed to load: %s", e)  # one line; the traceback at debug level
+            log.debug("model load traceback", exc_info=True)
+            on_load_error()
+
+    def load(self) -> None:
+        """Open the runner (unless given) and warm it up; blocking, run in a thread."""
+        s = self.settings
+        if self.runner is None:
+            t0 = time.perf_counter()
+            self.runner = open_runner(s.model, s.runtime, s.device, s.threads, s.cache_dir)
+            log.info("loaded %s (%s) in %.1fs", self.runner.config.name, self.runner.name, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        self.runner.warmup()
+        warmup_s = time.perf_counter() - t0
+        log.info("warm-up took %.2fs", warmup_s)
+        self.capacity.seed(warmup_s)
+        self.batch_size = self.runner.input.batch or s.max_batch_size
+        if s.batch_profile and self.runner.input.batch is None and s.max_batch_size > 1:
+            side = default_side(self.runner.config)
+            size = self.runner.input.size or (side, side)
+            t0 = time.perf_counter()
+            self.batch_seconds = profile_batches(self.runner.run, size, s.max_batch_size)
+            # Latency limit: one pass may take at most a quarter of the request timeout.
+            self.batch_size = choose_batch_size(self.batch_seconds, max_batch_s=s.request_timeout_s / 4)
+            self.capacity.seed(self.batch_seconds[1])
+            per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in self.batch_seconds.items())
+            log.info(
+                "batch profile at %dx%d, seconds per image by batch size: %s -> batch size %d (%.1fs)",
+                *size,
+                per_image,
+                self.batch_size,
+                time.perf_counter() - t0,
+            )
+
+    def start_batcher(self) -> None:
+        runner, s = self.runner, self.settings
+        fixed_batch = runner.input.batch
+        policy = BatchPolicy(
+            max_batch_size=self.batch_size,
+            max_delay_s=s.max_batch_delay_ms / 1000,
+            bucket_px=s.bucket_px,
+            size_divisor=runner.config.preprocess.size_divisor,
+            fixed_size=runner.input.size,
+        )
+        self.batcher = Batcher(
+            policy, runner.run, self.infer_pool, fixed_batch, on_batch=self._on_batch, on_depth=self._on_depth
+        )
+        self.batcher.start()
+        self.metrics.model_info.labels(runner.config.name, runner.name).set(1)
+        self.ready = True
+        self.metrics.ready.set(1)
+
+    def _on_batch(self, n: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(n)
+        self.metrics.inference_duration.observe(seconds)
+        self.capacity.on_batch(n, seconds)
+
+    def _on_depth(self, n: int) -> None:
+        self.metrics.queue_depth.set(n)
+
+    def begin_drain(self) -> None:
+        if not self.draining:
+            log.info("draining: %d request(s) admitted", self.admitted)
+        self.draining = True
+        self.metrics.ready.set(0)
+
+    def abandon_after(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        """At ``seconds`` from now, answer every open request 503 ``draining`` (thread-safe)."""
+        loop.call_soon_threadsafe(loop.call_later, seconds, self.abandoned.set)
+
+    async def close(self) -> None:
+        self.begin_drain()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.infer_pool.shutdown(wait=True, cancel_futures=True)
+        self.cpu_pool.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ admission
+    def retry_after(self) -> str:
+        """Seconds until the requests admitted now are likely answered (1..60)."""
+        return str(min(max(math.ceil(self.capacity.predicted_s(self.admitted)), 1), 60))
+
+    def refusal(self, remaining_s: float) -> HTTPError | None:
+        """The 503 a request with ``remaining_s`` to its deadline would get now (draining, model not ready,
+        queue full, or more admitted than can be answered in time), or None."""
+        if self.draining:
+            return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
+        if not self.ready:
+            if self.load_error is not None:
+                return HTTPError(503, "not_ready", f"the model failed to load: {self.load_error}")
+            return HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+        if self.admitted >= self.settings.max_queue:
+            return HTTPError(
+                503,
+                "queue_full",
+                f"{self.admitted} requests are queued; try again later",
+                {"Retry-After": self.retry_after()},
+            )
+        predicted = self.capacity.predicted_s(self.admitted)
+        if self.admitted > 0 and predicted > ADMIT_FRACTION * remaining_s:
+            return HTTPError(
+                503,
+                "queue_full",
+                f"{self.admitted} requests are queued; another would be answered in about {predicted:.1f} s, "
+                f"past its deadline",
+                {"Retry-After": self.retry_after()},
+            )
+        return None
+
+    def check_admission(self, deadline: float) -> None:
+        """Refuse at once what :meth:`admit` would refuse now (before the upload)."""
+        if (refused := self.refusal(deadline - time.monotonic())) is not None:
+            raise refused
+
+    def admit(self, deadline: float) -> tuple[float, float]:
+        """Take a compute slot for a request due at ``deadline`` (``time.monotonic()``), or raise its 503.
+        Returns when it was admitted and the answer time predicted for it (for ``Capacity.on_answered``)."""
+        self.check_admission(deadline)
+        self.capacity.on_admitted(self.admitted)
+        self.admitted += 1
+        self.metrics.inflight.set(self.admitted)
+        return time.monotonic(), self.capacity.predicted_s(self.admitted - 1)
+
+    def release(self) -> None:
+        self.admitted -= 1
+        self.metrics.inflight.set(self.admitted)
+
+    async def before(self, deadline: float, step: str, spent: list[float], fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the CPU pool if the request's deadline (``time.monotonic()``) has not passed, and
+        its result if it comes before the deadline; else 504. A step cut off at the deadline finishes in its
+        worker thread (Python threads cannot be stopped), but no later step of that request starts.
+        The seconds ``fn`` ran (not its wait for a worker) are appended to ``spent``."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HTTPError(504, "timeout", f"the request's deadline passed before {step}")
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent.append(time.perf_counter() - t0)
+
+        work = asyncio.get_running_loop().run_in_executor(self.cpu_pool, timed)
+        try:
+            return await asyncio.wait_for(work, remaining)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, "timeout", f"the request's deadline passed during {step}") from None
