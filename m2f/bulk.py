@@ -160,7 +160,6 @@ class Infer:
         self.fixed_batch = spec.batch
         if profile and spec.batch is None and batch_size > 1:
             size = spec.size or (default_side(self.runner.config),) * 2
-            self.runner.warmup()
             seconds = profile_batches(self.runner.run, size, batch_size)
             batch_size = choose_batch_size(seconds)  # no latency limit: a bulk job wants images/s
             per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in seconds.items())
