@@ -32,7 +32,10 @@ time: each is started, warmed up with the point's load for ``--warmup-seconds``,
 clients (threads, one httpx connection each) for ``--seconds``, and stopped. Reported per (server, size,
 concurrency): img/s, p50/p99 latency as the clients see it (a 503 with ``Retry-After`` is retried after it, as
 ``service.client.Client`` does, and counted), errors, mean segments per image and img/s
-relative to the naive server. The clients share the cores with the server, as in any loopback test.
+relative to the naive server. The clients share the cores with the server, as in any loopback test; they run in a
+child process at ``--clients-nice`` 19 (:mod:`bench.loadgen`), so that the kernel gives the server the cores when
+both want them, as clients on another host would (``--in-process-clients``: threads of this process, as before
+2026-12-03; with them the naive server lost 9-11 % from 1 to 8 clients on 2 cores).
 Run it on an otherwise idle machine: on 2 cores busy with other work, torch's two intra-op threads ran our
 tiny model 10x slower than one thread did (and ``transformers``' 15x), which swamps any difference between
 the servers; ``--threads`` sets every server's intra-op threads.
@@ -48,7 +51,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +66,11 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.eager_vs_transformers import machine_info  # noqa: E402
+from bench.loadgen import closed_loop, closed_loop_elsewhere  # noqa: E402
 from bench.service_load import Server, free_port, percentiles  # noqa: E402
 from mask2former.config import PreprocessConfig, preprocess_to_hf  # noqa: E402
 from mask2former.label_sets import LABEL_SETS  # noqa: E402
 from mask2former.reference import TINY, architecture, hf_model  # noqa: E402
-from service.client import retry_after_s  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
@@ -221,67 +223,6 @@ def start(server: str, checkpoint: Path, models: dict[str, Path]) -> NaiveServer
 
 
 # ---------------------------------------------------------------------------------------------- load
-def closed_loop(
-    base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any]
-) -> dict[str, Any]:
-    """``concurrency`` clients, each sending the next photo as soon as its answer is in, for ``seconds``.
-
-    Clients behave as ``service.client.Client`` does: a 503 with ``Retry-After`` (the server refused the request
-    before doing any work: its queue would not be answered in time) is counted as ``refused`` and the same photo
-    is sent again after that many seconds; the latency of a request runs from its first send to its 200. Any
-    other failure is an error and the client moves on."""
-    latencies: list[float] = []
-    segments: list[int] = []
-    errors = refused = 0
-    lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
-
-    def client(k: int) -> None:
-        nonlocal errors, refused
-        with httpx.Client(base_url=base, timeout=300) as c:
-            i = k
-            while time.monotonic() < stop_at:
-                files = {"image": ("photo.jpg", data[i % len(data)], "image/jpeg")}
-                t0 = time.perf_counter()
-                n = None
-                while time.monotonic() < stop_at:
-                    try:
-                        r = c.post("/v1/segment", params=params, files=files)
-                        wait = retry_after_s(r) if r.status_code == 503 else None
-                        if wait is None:
-                            n = len(r.json()["segments"]) if r.status_code == 200 else None
-                            break
-                    except (httpx.HTTPError, ValueError, KeyError):
-                        break
-                    with lock:
-                        refused += 1
-                    time.sleep(max(0.0, min(wait, stop_at - time.monotonic())))
-                else:
-                    break  # time is up while waiting to retry: not an answer, not an error
-                dt = time.perf_counter() - t0
-                with lock:
-                    if n is None:
-                        errors += 1
-                    else:
-                        latencies.append(dt)
-                        segments.append(n)
-                i += concurrency
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {
-        "wall_s": time.perf_counter() - t0,
-        "latencies": latencies,
-        "segments": segments,
-        "errors": errors,
-        "refused": refused,
-    }
-
-
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs of one (server, size, concurrency) pooled: img/s over all rounds, latency percentiles, segments."""
     latencies = [x for r in runs for x in r["latencies"]]
@@ -339,6 +280,12 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
         "overlap_mask_area_threshold": args.overlap_mask_area_threshold,
     }
     inputs = {size: photos(size) for size in args.sizes}
+
+    def load(base: str, data: list[bytes], c: int, seconds: float, params: dict[str, Any]) -> dict[str, Any]:
+        if args.in_process_clients:
+            return closed_loop(base, data, c, seconds, params)
+        return closed_loop_elsewhere(base, data, c, seconds, params, nice=args.clients_nice)
+
     runs: dict[tuple[str, tuple[int, int], int], list[dict[str, Any]]] = {}
     points = [(size, c) for size in args.sizes for c in args.concurrency]
     k, image_processor = 0, ""
@@ -351,9 +298,9 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
                 proc = start(server, checkpoint, models)
                 image_processor = getattr(proc, "image_processor", image_processor)
                 try:
-                    closed_loop(proc.base, inputs[size], c, args.warmup_seconds, params)
+                    load(proc.base, inputs[size], c, args.warmup_seconds, params)
                     before = batching(proc)
-                    run = closed_loop(proc.base, inputs[size], c, args.seconds, params)
+                    run = load(proc.base, inputs[size], c, args.seconds, params)
                     run["batching"] = batching(proc, before)
                 finally:
                     proc.stop()
@@ -423,6 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, help="intra-op threads of every server (default: each one's own, the usable cores)"
     )
+    p.add_argument(
+        "--clients-nice", type=int, default=19, help="niceness added to the clients' child process (default 19)"
+    )
+    p.add_argument("--in-process-clients", action="store_true", help="clients as threads of this process instead")
     p.add_argument("--prepare", action="store_true", help="only build the checkpoint and the exports, then exit")
     p.add_argument("--tiny", action="store_true", help="smoke test: a tiny random model, 160x160 photos, 2 s per point")
     p.add_argument("--json", type=Path, help="also write the results here")

@@ -265,23 +265,31 @@ BATCH_GAIN = 1.10  # a larger batch is used only if it raises throughput (images
 
 
 def profile_batches(
-    run: Callable[[np.ndarray], Any], size: Size, max_batch_size: int, repeats: int = 2
+    run: Callable[[np.ndarray], Any],
+    size: Size,
+    max_batch_size: int,
+    repeats: int = 2,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[int, float]:
     """Seconds per forward pass at batch sizes 1, 2, 4, ... <= ``max_batch_size`` (and ``max_batch_size``
-    itself), for (B, 3, *size) zero images: the fastest of ``repeats`` passes each, after one unmeasured."""
+    itself), for (B, 3, *size) zero images: the fastest of ``repeats`` passes each, after one unmeasured.
+
+    The sizes take turns (1 2 4, then 4 2 1, ...) rather than being timed one after the other: a shared
+    or throttled CPU changes speed from one second to the next (a 2-core VM moved one model's pass from 0.83
+    to 1.25 s within a minute), and a slow moment that fell on batch 1 alone would make batching look like a
+    gain it is not."""
     sizes = sorted(
         {b for b in (1 << k for k in range(max_batch_size.bit_length())) if b <= max_batch_size} | {max_batch_size}
     )
-    seconds = {}
+    inputs = {b: np.zeros((b, 3, *size), dtype=np.float32) for b in sizes}
     for b in sizes:
-        x = np.zeros((b, 3, *size), dtype=np.float32)
-        run(x)  # allocations and kernel choices for this shape
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run(x)
-            best = min(best, time.perf_counter() - t0)
-        seconds[b] = best
+        run(inputs[b])  # allocations and kernel choices for this shape
+    seconds = dict.fromkeys(sizes, float("inf"))
+    for r in range(repeats):
+        for b in sizes if r % 2 == 0 else sizes[::-1]:
+            t0 = clock()
+            run(inputs[b])
+            seconds[b] = min(seconds[b], clock() - t0)
     return seconds
 
 

@@ -275,3 +275,22 @@ def test_profile_times_each_batch_size_up_to_the_maximum():
     seconds = profile_batches(run, (32, 48), 6, repeats=2)
     assert sorted(seconds) == [1, 2, 4, 6] and all(t >= 0 for t in seconds.values())
     assert shapes.count((4, 3, 32, 48)) == 3  # one unmeasured pass, then the repeats
+
+
+@pytest.mark.parametrize("slow_from", range(7))
+def test_a_slow_moment_during_the_profile_does_not_make_batching_look_like_a_gain(slow_from):
+    """A machine three times slower for three passes in a row somewhere in the profile (a neighbour busy, a
+    CPU throttled), with a cost per image that does not depend on the batch size: batching gains nothing,
+    and the profile must say so wherever the slow moment falls. Timed one size after the other, a slow
+    moment over batch 1's passes made batch 4 look 3x faster per image. On a fake clock."""
+    now, calls = [0.0], []
+
+    def run(x):
+        slow = 3.0 if slow_from <= len(calls) < slow_from + 3 else 1.0
+        calls.append(x.shape[0])
+        now[0] += 0.1 * x.shape[0] * slow
+
+    seconds = profile_batches(run, (8, 8), 4, repeats=2, clock=lambda: now[0])
+    assert len(calls) == 9 and sorted(calls[:3]) == [1, 2, 4]  # one unmeasured pass of each size, then 2 each
+    assert choose_batch_size(seconds) == 1, seconds
+    assert seconds[1] == pytest.approx(0.1) and seconds[4] <= 3 * 0.4
