@@ -43,7 +43,7 @@ from m2f.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
 from mask2former.config import Mask2FormerConfig, preprocess_to_hf, read_config
 from mask2former.postprocess_numpy import TASKS
 from model_export.metadata import read_metadata
-from runtimes import default_side, open_runner
+from runtimes import open_runner, typical_size
 from service import pipeline
 from service.batching import BatchPolicy, Item, assemble, choose_batch_size, profile_batches
 
@@ -159,7 +159,7 @@ class Infer:
         spec = self.runner.input
         self.fixed_batch = spec.batch
         if profile and spec.batch is None and batch_size > 1:
-            size = spec.size or (default_side(self.runner.config),) * 2
+            size = spec.size or typical_size(self.runner.config)
             seconds = profile_batches(self.runner.run, size, batch_size)
             batch_size = choose_batch_size(seconds)  # no latency limit: a bulk job wants images/s
             per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in seconds.items())

@@ -1,6 +1,6 @@
 """Runtimes behind one small interface: ``run(pixel_values) -> (class_logits, mask_logits)`` on numpy.
 
-- :mod:`runtimes.runner`: the interface (:class:`Runner`, :class:`InputSpec`, :func:`default_side`).
+- :mod:`runtimes.runner`: the interface (:class:`Runner`, :class:`InputSpec`, :func:`default_side`, :func:`typical_size`).
 - :mod:`runtimes.torch_runner`: :class:`TorchRunner`, our PyTorch model (torch is imported when one opens).
 - :mod:`runtimes.onnx_runner`: ``OnnxRunner``, a graph written by ``m2f export onnx``, without torch.
 - :mod:`runtimes.ort_session`: how ONNX Runtime sessions are opened (threads, graph optimizations), for the
@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from runtimes.runner import InputSpec, Runner, default_side
+from runtimes.runner import InputSpec, Runner, default_side, typical_size
 from runtimes.torch_runner import TorchRunner
 
-__all__ = ["InputSpec", "OnnxRunner", "Runner", "TorchRunner", "default_side", "open_runner"]
+__all__ = ["InputSpec", "OnnxRunner", "Runner", "TorchRunner", "default_side", "open_runner", "typical_size"]
 
 
 def open_runner(

@@ -50,6 +50,19 @@ class Runner(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
+def typical_size(config: Mask2FormerConfig) -> tuple[int, int]:
+    """(h, w) of a 4:3 landscape photo (most camera and COCO images) as the checkpoint resizes and pads it:
+    the shape batch profiles time. What batching gains depends on the shape: swin-tiny on 2 cores chose batch 2
+    from profiles at 384x384 (its shortest edge, square), while at 384x512, the shape its 640x480 photos take,
+    batches of 1.4-1.7 ran no faster per image than single images (``bench/concurrency.py``)."""
+    pre = config.preprocess
+    div = max(pre.size_divisor, 1)
+    scale = pre.shortest_edge / 3
+    if pre.longest_edge and 4 * scale > pre.longest_edge:
+        scale = pre.longest_edge / 4
+    return -(-round(3 * scale) // div) * div, -(-round(4 * scale) // div) * div
+
+
 def default_side(config: Mask2FormerConfig) -> int:
     """The checkpoint's shortest edge rounded up to its size divisor: a typical padded side for warm-up."""
     pre = config.preprocess

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from service.gate import TurnGate
+
 log = logging.getLogger(__name__)
 
 Size = tuple[int, int]
@@ -171,6 +173,8 @@ class Batcher:
         on_batch: called with (batch size, inference seconds) after each batch (metrics).
         on_depth: called with the number of waiting images whenever it changes (metrics).
         clock: the time source (``time.monotonic``).
+        gate: whose turn it is on the cores (:class:`~service.gate.TurnGate`): each pass, padding included,
+            runs in its ``forward()``; inference seconds are counted from when the pass got its turn.
     """
 
     def __init__(
@@ -182,8 +186,10 @@ class Batcher:
         on_batch: Callable[[int, float], None] = lambda n, s: None,
         on_depth: Callable[[int], None] = lambda n: None,
         clock: Callable[[], float] = time.monotonic,
+        gate: TurnGate | None = None,
     ):
         self.policy = policy
+        self.gate = gate or TurnGate(enabled=False)
         self.run = run
         self.executor = executor
         self.fixed_batch = fixed_batch
@@ -242,8 +248,8 @@ class Batcher:
             size = self.policy.padded_size(batch)
             started = self.clock()
             try:  # padding the batch is a large copy: it runs in the executor too, off the event loop
-                class_logits, mask_logits = await loop.run_in_executor(
-                    self.executor, lambda b=batch, s=size: self.run(assemble(b, s, self.fixed_batch))
+                (class_logits, mask_logits), inference_s = await loop.run_in_executor(
+                    self.executor, self._forward, batch, size
                 )
             except Exception as e:  # the batch's requests fail; the worker goes on
                 log.exception("batch of %d failed", len(batch))
@@ -251,13 +257,19 @@ class Batcher:
                     if not it.future.done():
                         it.future.set_exception(e)
                 continue
-            inference_s = self.clock() - started
             self.on_batch(len(batch), inference_s)
             for i, it in enumerate(batch):
                 if not it.future.done():
                     it.future.set_result(
                         BatchResult(class_logits[i], mask_logits[i], len(batch), started - it.enqueued, inference_s)
                     )
+
+    def _forward(self, batch: list[Item], size: Size) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+        """In the executor: the padded batch through the model in its turn -> (outputs, seconds it took)."""
+        with self.gate.forward():
+            t0 = self.clock()
+            out = self.run(assemble(batch, size, self.fixed_batch))
+            return out, self.clock() - t0
 
 
 # ---------------------------------------------------------------------------------------------- batch size

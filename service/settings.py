@@ -80,6 +80,12 @@ class Settings(BaseSettings):
 
     threads: int | None = Field(None, ge=1, description="intra-op threads; default: the cores this process may use")
     postprocess_workers: int = Field(2, ge=1, description="threads for decoding, post-processing and RLE encoding")
+    cpu_work_between_passes: bool | None = Field(
+        None,
+        description="decode and post-process between forward passes rather than beside them (beside one, they "
+        "take cores from it and it slows more than they gain); default: yes where inference runs on the CPU "
+        "with all the cores this process may use, no on a GPU or with fewer threads",
+    )
     cache_dir: Path | None = Field(None, description="ONNX Runtime optimized-graph cache folder")
     drain_timeout_s: float = Field(30.0, ge=0, description="on SIGTERM, how long accepted requests may take")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"

@@ -12,15 +12,17 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from runtimes import Runner, default_side, open_runner
+from runtimes import Runner, open_runner, typical_size
 from service.admission import Capacity
 from service.batching import Batcher, BatchPolicy, choose_batch_size, profile_batches
 from service.errors import HTTPError
+from service.gate import TurnGate
 from service.logs import ContextThreadPoolExecutor
 from service.metrics import Metrics
 from service.settings import Settings
@@ -30,6 +32,15 @@ log = logging.getLogger("m2f.service")
 # Admission: a request is let in only while the measured cost of those admitted, plus its own, fits in
 # this share of the request timeout (the rest is margin for decoding, uploads and noise).
 ADMIT_FRACTION = 0.5
+
+
+def takes_turns(settings: Settings) -> bool:
+    """Whether the requests' CPU work waits for forward passes to end (``Settings.cpu_work_between_passes``;
+    by default: inference on the CPU with as many intra-op threads as this process has cores)."""
+    if settings.cpu_work_between_passes is not None:
+        return settings.cpu_work_between_passes
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return settings.device.startswith("cpu") and (settings.threads is None or settings.threads >= cores)
 
 
 class ServiceState:
@@ -49,6 +60,7 @@ class ServiceState:
         self.infer_pool = ThreadPoolExecutor(1, thread_name_prefix="m2f-infer")
         # Request work (decode, post-processing): a pool that keeps the request id on the worker's log lines.
         self.cpu_pool = ContextThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
+        self.gate = TurnGate(enabled=takes_turns(settings))  # CPU work and forward passes: in turn, or beside
         self.capacity = Capacity()  # measured cost per request, for admission
         self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
         self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
@@ -82,8 +94,7 @@ class ServiceState:
         self.capacity.seed(warmup_s)
         self.batch_size = self.runner.input.batch or s.max_batch_size
         if s.batch_profile and self.runner.input.batch is None and s.max_batch_size > 1:
-            side = default_side(self.runner.config)
-            size = self.runner.input.size or (side, side)
+            size = self.runner.input.size or typical_size(self.runner.config)
             t0 = time.perf_counter()
             self.batch_seconds = profile_batches(self.runner.run, size, s.max_batch_size)
             # Latency limit: one pass may take at most a quarter of the request timeout.
@@ -109,7 +120,13 @@ class ServiceState:
             fixed_size=runner.input.size,
         )
         self.batcher = Batcher(
-            policy, runner.run, self.infer_pool, fixed_batch, on_batch=self._on_batch, on_depth=self._on_depth
+            policy,
+            runner.run,
+            self.infer_pool,
+            fixed_batch,
+            on_batch=self._on_batch,
+            on_depth=self._on_depth,
+            gate=self.gate,
         )
         self.batcher.start()
         self.metrics.model_info.labels(runner.config.name, runner.name).set(1)
@@ -200,14 +217,21 @@ class ServiceState:
         if remaining <= 0:
             raise HTTPError(504, "timeout", f"the request's deadline passed before {step}")
 
-        def timed() -> Any:
-            t0 = time.perf_counter()
-            try:
-                return fn(*args)
-            finally:
-                spent.append(time.perf_counter() - t0)
+        ticket = self.gate.ticket()  # its place in line, taken now (see service.gate)
 
-        work = asyncio.get_running_loop().run_in_executor(self.cpu_pool, timed)
+        def timed() -> Any:
+            with self.gate.cpu(ticket):
+                if time.monotonic() >= deadline:  # its turn came too late: the request has had its 504
+                    raise TimeoutError(step)
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args)
+                finally:
+                    spent.append(time.perf_counter() - t0)
+
+        future = self.cpu_pool.submit(timed)
+        future.add_done_callback(lambda _: self.gate.forget(ticket))  # also when cancelled before it ran
+        work = asyncio.wrap_future(future)
         try:
             return await asyncio.wait_for(work, remaining)
         except asyncio.TimeoutError:

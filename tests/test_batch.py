@@ -349,6 +349,6 @@ def test_actors_choose_their_batch_size_from_their_own_timing(monkeypatch):
 
     monkeypatch.setattr(bulk, "profile_batches", profile)
     chosen = bulk.Infer(None, "torch", "cpu", 1, batch_size=8, bucket_px=128, profile=True)
-    assert chosen.policy.max_batch_size == 2 and timed == [((160, 160), 8)]
+    assert chosen.policy.max_batch_size == 2 and timed == [((160, 224), 8)]  # a 4:3 photo at the demo's 160 px
     fixed = bulk.Infer(None, "torch", "cpu", 1, batch_size=8, bucket_px=128, profile=False)
     assert fixed.policy.max_batch_size == 8 and len(timed) == 1

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from mask2former.config import PreprocessConfig
+from runtimes import typical_size
 from service.batching import BATCH_GAIN, Batcher, BatchPolicy, Item, assemble, choose_batch_size, profile_batches
 
 
@@ -294,3 +297,13 @@ def test_a_slow_moment_during_the_profile_does_not_make_batching_look_like_a_gai
     assert len(calls) == 9 and sorted(calls[:3]) == [1, 2, 4]  # one unmeasured pass of each size, then 2 each
     assert choose_batch_size(seconds) == 1, seconds
     assert seconds[1] == pytest.approx(0.1) and seconds[4] <= 3 * 0.4
+
+
+@pytest.mark.parametrize(
+    ("shortest", "longest", "size"),
+    [(384, 640, (384, 512)), (800, 1333, (800, 1088)), (160, 640, (160, 224)), (800, 1000, (768, 1024))],
+)
+def test_profiles_time_a_4_by_3_photo_as_the_checkpoint_resizes_it(shortest, longest, size):
+    """Not a square of the shortest edge: what batching gains depends on the shape."""
+    config = SimpleNamespace(preprocess=PreprocessConfig(shortest_edge=shortest, longest_edge=longest, size_divisor=32))
+    assert typical_size(config) == size

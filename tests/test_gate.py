@@ -1,0 +1,133 @@
+"""Forward passes and the requests' CPU work taking turns (service.gate), alone and inside the service state.
+
+Orders are asserted with events and timestamps the gate itself imposes, never durations."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher, BatchPolicy, Item
+from service.gate import TurnGate
+from service.settings import Settings
+from service.state import ServiceState, takes_turns
+
+
+def in_thread(fn) -> threading.Thread:
+    t = threading.Thread(target=fn, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_pass_waits_for_the_cpu_tasks_queued_before_it_and_later_tasks_wait_for_the_pass():
+    gate = TurnGate()
+    log: list[str] = []
+    early = gate.ticket()  # queued before the pass became ready
+    release_early = threading.Event()
+
+    def early_task():
+        with gate.cpu(early):
+            log.append("early starts")
+            release_early.wait(5)
+            log.append("early ends")
+
+    def forward():
+        with gate.forward():
+            log.append("pass")
+
+    a = in_thread(early_task)
+    while not log:
+        time.sleep(0.001)
+    b = in_thread(forward)
+    while gate.busy() != (1, 1):  # the pass is waiting
+        time.sleep(0.001)
+    late = gate.ticket()  # queued while the pass waits: after it
+    c = in_thread(lambda: gate.cpu(late).__enter__() or log.append("late") or gate.forget(late))
+    time.sleep(0.05)
+    assert log == ["early starts"]  # neither the pass nor the later task has run
+    release_early.set()
+    for t in (a, b, c):
+        t.join(5)
+    assert log == ["early starts", "early ends", "pass", "late"]
+    assert gate.busy() == (0, 0)
+
+
+def test_a_ticket_given_back_unused_does_not_hold_up_a_pass():
+    """A CPU task cancelled while queued (its request timed out) never runs; its ticket must not block."""
+    gate = TurnGate()
+    ticket = gate.ticket()
+    done = threading.Event()
+    t = in_thread(lambda: gate.forward().__enter__() or done.set())
+    assert not done.wait(0.05)
+    gate.forget(ticket)
+    assert done.wait(5)
+    t.join(5)
+
+
+def test_an_open_gate_lets_cpu_work_run_during_a_pass():
+    gate = TurnGate(enabled=False)
+    inside = threading.Event()
+    with gate.forward():
+        t = in_thread(lambda: gate.cpu(gate.ticket()).__enter__() or inside.set())
+        assert inside.wait(5)  # ran while the pass is still going
+    t.join(5)
+
+
+def test_turns_by_default_on_the_cpu_with_all_cores_only():
+    assert takes_turns(Settings())
+    assert not takes_turns(Settings(device="cuda"))
+    assert takes_turns(Settings(threads=1)) == (len(os.sched_getaffinity(0)) == 1)  # fewer threads than cores
+    assert takes_turns(Settings(device="cuda", cpu_work_between_passes=True))
+    assert not takes_turns(Settings(cpu_work_between_passes=False))
+
+
+@pytest.mark.parametrize("between", [True, False])
+def test_the_services_cpu_work_never_runs_during_a_forward_pass_when_taking_turns(between):
+    """ServiceState's CPU pool and batcher, with a runner that records when it runs: a request step queued
+    while a pass runs starts after it ends (taking turns); beside it, it runs during the pass (the pass here
+    waits for it, which would never end if the gate held it back)."""
+    state = ServiceState(Settings(cpu_work_between_passes=between))
+    spans: dict[str, list[float]] = {}
+    in_pass, step_ran = threading.Event(), threading.Event()
+
+    def run(x):
+        spans["pass"] = [time.monotonic()]
+        in_pass.set()
+        if not between:
+            assert step_ran.wait(5)  # the step runs beside the pass
+        else:
+            time.sleep(0.05)
+        spans["pass"].append(time.monotonic())
+        return np.zeros((len(x), 2, 3), np.float32), np.zeros((len(x), 2, 4, 4), np.float32)
+
+    def step():
+        spans["step"] = [time.monotonic()]
+        step_ran.set()
+        spans["step"].append(time.monotonic())
+        return "done"
+
+    async def scenario():
+        batcher = Batcher(BatchPolicy(max_batch_size=1, max_delay_s=0.0), run, state.infer_pool, gate=state.gate)
+        batcher.start()
+        try:
+            result = batcher.submit(Item(np.zeros((3, 16, 16), np.float32), (16, 16)))
+            while not in_pass.is_set():
+                await asyncio.sleep(0.001)
+            out = await state.before(time.monotonic() + 10, "post-processing", [], step)
+            await result
+            return out
+        finally:
+            await batcher.stop()
+            await state.close()
+
+    assert asyncio.run(scenario()) == "done"
+    if between:
+        assert spans["step"][0] >= spans["pass"][1]
+    else:
+        assert spans["step"][0] < spans["pass"][1]
+    assert state.gate.busy() == (0, 0)
