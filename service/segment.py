@@ -131,7 +131,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         state.check_admission(deadline)  # a full queue or a draining server answers at once, before the upload
         data = await read_upload(request, state, deadline)
         admission = state.admit(deadline)
-        admitted, spent = True, []  # spent: seconds of CPU-pool work for this request
+        admitted, spent = True, []  # spent: (seconds, CPU seconds) of each CPU-pool step of this request
         prepared = await state.before(deadline, "decoding", spent, decode_and_prepare, data, state)
         decoded = time.perf_counter()
         request.state.access.update(height=prepared.original_size[0], width=prepared.original_size[1])
@@ -168,7 +168,8 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
         request.state.access.update(postprocess_s=post_s)
         content = await state.before(deadline, "encoding", spent, lambda: json.dumps(body).encode())
-        state.capacity.on_answered(sum(spent), *admission)
+        state.capacity.on_answered(sum(wall for wall, _ in spent), *admission)
+        state.on_cpu_work(sum(cpu for _, cpu in spent))
         status = 200
         return Response(content, media_type="application/json")
     except asyncio.CancelledError:  # abandoned at the drain timeout (see answer_unless_abandoned)

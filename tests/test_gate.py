@@ -131,3 +131,40 @@ def test_the_services_cpu_work_never_runs_during_a_forward_pass_when_taking_turn
     else:
         assert spans["step"][0] < spans["pass"][1]
     assert state.gate.busy() == (0, 0)
+
+
+def test_opening_the_gate_lets_a_waiting_task_go_on():
+    gate = TurnGate()
+    ran = threading.Event()
+    with gate.forward():
+        ticket = gate.ticket()
+        t = in_thread(lambda: gate.cpu(ticket).__enter__() or ran.set())
+        assert not ran.wait(0.05)  # waits for the pass
+        gate.enabled = False
+        assert ran.wait(5)  # goes on, the pass still running
+    t.join(5)
+
+
+def test_by_default_the_service_takes_turns_only_while_the_pass_dominates_the_cpu_work():
+    """The demo model's ratio (a 70 ms pass, 25 ms of CPU work) overlaps; swin-tiny's (1.1 s, 45 ms) takes
+    turns; CPU time is what counts, and a fixed setting is never changed."""
+    if not takes_turns(Settings()):
+        pytest.skip("this process may not use all the cores")
+    state = ServiceState(Settings())
+    state.capacity.seed(1.1)
+    state.on_cpu_work(0.045)
+    assert state.gate.enabled
+    state.capacity.seed(0.07)
+    for _ in range(20):
+        state.on_cpu_work(0.025)
+    assert not state.gate.enabled
+    state.capacity.seed(1.1)
+    state.on_cpu_work(0.025)
+    assert state.gate.enabled
+    fixed = ServiceState(Settings(cpu_work_between_passes=True))
+    fixed.capacity.seed(0.07)
+    fixed.on_cpu_work(0.5)
+    assert fixed.gate.enabled
+    for s in (state, fixed):
+        s.infer_pool.shutdown()
+        s.cpu_pool.shutdown()
