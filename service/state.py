@@ -30,9 +30,10 @@ from service.settings import Settings
 log = logging.getLogger("m2f.service")
 
 # Take turns (service.gate) only while a forward pass per image is at least this many times a request's CPU
-# work. Measured on 2 cores: swin-tiny (ratio 20-30) got 0.90-0.92x from 8 clients against 1 overlapping and
-# 0.97-1.03x taking turns; the demo model (ratio about 3) 1.40-1.72x overlapping and 1.05-1.23x taking turns.
-# Where between 3 and 20 the break-even lies is not measured.
+# work (once on, until it falls under 0.8 times this). Measured on 2 cores (BENCHMARKS.md): swin-tiny (ratio
+# 20-30 on 640x480 photos) got 0.90-0.92x from 8 clients against 1 overlapping and 0.97-1.03x taking turns;
+# the demo model (ratio about 3, batch 2) 1.39x overlapping and 1.14-1.21x taking turns. Where between 3
+# and 20 the break-even lies is not measured.
 TURN_RATIO = 8.0
 
 # Admission: a request is let in only while the measured cost of those admitted, plus its own, fits in
@@ -152,7 +153,8 @@ class ServiceState:
         wall time grows with the contention the gate is there to avoid). Updates the gate's choice."""
         self.cpu_work_s = cpu_s if self.cpu_work_s is None else 0.8 * self.cpu_work_s + 0.2 * cpu_s
         if self.adaptive_turns:
-            turns = self.capacity.forward_s >= TURN_RATIO * self.cpu_work_s
+            bar = TURN_RATIO * (0.8 if self.gate.enabled else 1.0)  # a margin, so that noise does not flip it
+            turns = self.capacity.forward_s >= bar * self.cpu_work_s
             if turns != self.gate.enabled:
                 log.info(
                     "decoding and post-processing now run %s forward passes (%.3fs per image; %.3fs of CPU per request)",
