@@ -9,24 +9,13 @@ denormals flushed to zero, idle threads that sleep. No torch here.
 from __future__ import annotations
 
 import hashlib
-import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnxruntime as ort
 
-
-def available_cpus() -> int:
-    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return n
+from runtimes.runner import available_cpus  # noqa: F401  (re-exported: the runner and benches read it here)
 
 
 def hardware_tag() -> str:

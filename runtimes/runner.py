@@ -10,7 +10,9 @@ batcher knows whether it may choose batch size and padded shape freely.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +50,18 @@ class Runner(Protocol):
     def warmup(self, height: int | None = None, width: int | None = None) -> None: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def available_cpus() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def typical_size(config: Mask2FormerConfig) -> tuple[int, int]:

@@ -5,7 +5,7 @@ run beside it only by taking cores from it, and a parallel region waits for its 
 slows by more than the work that interrupts it. Measured (swin-tiny, ONNX Runtime fp32, 640x480 photos, AMD
 EPYC 2 cores, 8 clients against 1, ``bench/concurrency.py``): the forward pass took 1.08 s per image alone and
 1.19-1.35 s with post-processing beside it, post-processing 0.04 s alone and 0.09-0.23 s beside the pass,
-and 8 clients got 6 % less throughput than 1.
+and 8 clients got 8 % less throughput than 1 (pooled over 4 rounds).
 
 So they take turns, in the order they became ready: CPU tasks together (as many as the CPU pool has threads),
 a forward pass alone. A pass that becomes ready while CPU tasks are queued or running waits for them (they

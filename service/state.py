@@ -12,13 +12,13 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from runtimes import Runner, open_runner, typical_size
+from runtimes.runner import available_cpus
 from service.admission import Capacity
 from service.batching import Batcher, BatchPolicy, choose_batch_size, profile_batches
 from service.errors import HTTPError
@@ -46,8 +46,7 @@ def takes_turns(settings: Settings) -> bool:
     by default: inference on the CPU with as many intra-op threads as this process has cores)."""
     if settings.cpu_work_between_passes is not None:
         return settings.cpu_work_between_passes
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return settings.device.startswith("cpu") and (settings.threads is None or settings.threads >= cores)
+    return settings.device.startswith("cpu") and (settings.threads is None or settings.threads >= available_cpus())
 
 
 class ServiceState:

@@ -5,13 +5,13 @@ Orders are asserted with events and timestamps the gate itself imposes, never du
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from runtimes.runner import available_cpus
 from service.batching import Batcher, BatchPolicy, Item
 from service.gate import TurnGate
 from service.settings import Settings
@@ -81,7 +81,7 @@ def test_an_open_gate_lets_cpu_work_run_during_a_pass():
 def test_turns_by_default_on_the_cpu_with_all_cores_only():
     assert takes_turns(Settings())
     assert not takes_turns(Settings(device="cuda"))
-    assert takes_turns(Settings(threads=1)) == (len(os.sched_getaffinity(0)) == 1)  # fewer threads than cores
+    assert takes_turns(Settings(threads=1)) == (available_cpus() == 1)  # fewer threads than cores
     assert takes_turns(Settings(device="cuda", cpu_work_between_passes=True))
     assert not takes_turns(Settings(cpu_work_between_passes=False))
 
