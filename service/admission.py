@@ -8,7 +8,10 @@ decoding, post-processing and encoding) plus the measured time between answers w
 are moving averages; the warm-up seeds them. What this model leaves out (the event loop reading many
 uploads, other processes on the cores) is learnt from the answers: each admitted request's real time from
 admission to answer is compared with what was predicted for it, and the predictions are scaled by the
-moving average of that ratio (``calibration``, at least 1). A wrong guess costs a 503, not a 504.
+moving average of that ratio (``calibration``; used at least 1: a server is not trusted to be faster than it
+measured). The average itself is not floored, so that noise around 1 cannot ratchet it up. A wrong guess
+costs a 503, not a 504; how far the real times stray from the predictions (``m2f_admission_error``) is the
+margin ``Settings.admit_share`` must leave.
 
 No asyncio, HTTP or model here: the unit tests drive it with a fake clock.
 """
@@ -32,10 +35,16 @@ class Capacity:
         self.clock = clock
         self.forward_s = 0.0  # forward pass per image
         self.cpu_s = 0.0  # decoding + post-processing + encoding per request (their running time)
+        self.cpu_time_s: float | None = None  # the same work's CPU time (thread time), None before an answer
         self.interval_s = 0.0  # between two answers while busy
-        self.calibration = 1.0  # real / predicted time of admitted requests (moving average, >= 1)
+        self._ratio = 1.0  # real / predicted time of admitted requests (moving average)
         self._last_answer: float | None = None
         self._busy_since: float | None = None
+
+    @property
+    def calibration(self) -> float:
+        """What predictions are scaled by: the measured real / predicted ratio, at least 1."""
+        return max(1.0, self._ratio)
 
     @property
     def latency_s(self) -> float:
@@ -54,17 +63,28 @@ class Capacity:
         if admitted_before == 0:
             self._busy_since = self.clock()
 
-    def on_answered(self, cpu_s: float, admitted_at: float | None = None, predicted_s: float | None = None) -> None:
-        """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool; ``admitted_at`` (clock
-        time) and ``predicted_s`` (what :meth:`predicted_s` said then) calibrate later predictions."""
+    def on_answered(
+        self,
+        cpu_s: float,
+        cpu_time_s: float = 0.0,
+        admitted_at: float | None = None,
+        predicted_s: float | None = None,
+    ) -> float | None:
+        """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool (``cpu_time_s`` of CPU
+        time); ``admitted_at`` (clock time) and ``predicted_s`` (what :meth:`predicted_s` said then) calibrate
+        later predictions. Returns its real / predicted time (None without a prediction)."""
         now = self.clock()
         self.cpu_s = _average(self.cpu_s, cpu_s)
+        self.cpu_time_s = cpu_time_s if self.cpu_time_s is None else _average(self.cpu_time_s, cpu_time_s)
+        ratio = None
         if admitted_at is not None and predicted_s:
-            self.calibration = max(1.0, _average(self.calibration, (now - admitted_at) / predicted_s))
+            ratio = (now - admitted_at) / predicted_s
+            self._ratio = _average(self._ratio, ratio)
         if self._busy_since is not None:  # the time since the later of: the last answer, becoming busy
             since = max(self._busy_since, self._last_answer if self._last_answer is not None else self._busy_since)
             self.interval_s = _average(self.interval_s, now - since)
         self._last_answer = now
+        return ratio
 
     def predicted_s(self, ahead: int) -> float:
         """Seconds until a request let in now is answered, with ``ahead`` requests admitted before it."""

@@ -14,7 +14,7 @@ or with fewer intra-op threads than cores, overlapping is what pays: the gate is
 (``enabled=False``) and costs nothing. It also pays where the pass is short against the CPU work: the bundled
 demo model (a 70 ms pass, 25 ms of CPU work per 640x480 photo, batch 2) got 1.39x from 8 clients against 1
 overlapping and 1.14-1.21x taking turns. ``enabled`` may change while serving (the service sets it from the
-measured ratio, :meth:`service.state.ServiceState.on_cpu_work`); tasks already waiting then go on.
+measured ratio, :meth:`service.state.ServiceState.on_answered`); tasks already waiting then go on.
 
 Threads only (no asyncio): a CPU task takes its :meth:`ticket` when it is queued, on the event loop, and waits
 in :meth:`cpu` in its worker; a pass waits in :meth:`forward` in the inference thread.

@@ -64,6 +64,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.admission_error = Histogram(
+            "m2f_admission_error",
+            "Admitted and answered requests: real / predicted time from admission to answer (admission's error; "
+            "what it strays above 1 is the margin admit_share must leave)",
+            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0),
+            registry=r,
+        )
         sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, max_batch_size})
         self.batch_size = Histogram(
             "m2f_batch_size", "Images per forward pass", buckets=[s for s in sizes if s <= max_batch_size], registry=r

@@ -168,8 +168,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
         request.state.access.update(postprocess_s=post_s)
         content = await state.before(deadline, "encoding", spent, lambda: json.dumps(body).encode())
-        state.capacity.on_answered(sum(wall for wall, _ in spent), *admission)
-        state.on_cpu_work(sum(cpu for _, cpu in spent))
+        state.on_answered(spent, *admission)
         status = 200
         return Response(content, media_type="application/json")
     except asyncio.CancelledError:  # abandoned at the drain timeout (see answer_unless_abandoned)

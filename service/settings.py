@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     bucket_px: int = Field(128, ge=32, description="padded sizes are grouped in steps of this many pixels")
     max_queue: int = Field(32, ge=1, description="requests admitted and not yet answered; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
+    admit_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="a request is admitted only while its answer is predicted within this share of the time it "
+        "has left (the rest is margin for the prediction's error); else 503 with Retry-After",
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1, description="larger bodies get 413")
     # Uploads are read under their own limits, before a request takes a compute slot (max_queue).
     max_uploads: int = Field(128, ge=1, description="request bodies being read at once; more get 503")

@@ -36,10 +36,6 @@ log = logging.getLogger("m2f.service")
 # and 20 the break-even lies is not measured.
 TURN_RATIO = 8.0
 
-# Admission: a request is let in only while the measured cost of those admitted, plus its own, fits in
-# this share of the request timeout (the rest is margin for decoding, uploads and noise).
-ADMIT_FRACTION = 0.5
-
 
 def takes_turns(settings: Settings) -> bool:
     """Whether the requests' CPU work waits for forward passes to end (``Settings.cpu_work_between_passes``;
@@ -67,9 +63,8 @@ class ServiceState:
         # Request work (decode, post-processing): a pool that keeps the request id on the worker's log lines.
         self.cpu_pool = ContextThreadPoolExecutor(settings.postprocess_workers, thread_name_prefix="m2f-cpu")
         self.gate = TurnGate(enabled=takes_turns(settings))  # CPU work and forward passes: in turn, or beside
-        # By default the gate follows the measured ratio of a pass to a request's CPU work (on_cpu_work).
+        # By default the gate follows the measured ratio of a pass to a request's CPU work (on_answered).
         self.adaptive_turns = self.gate.enabled and settings.cpu_work_between_passes is None
-        self.cpu_work_s: float | None = None  # CPU time of a request's CPU-pool work (moving average)
         self.capacity = Capacity()  # measured cost per request, for admission
         self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
         self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
@@ -147,19 +142,29 @@ class ServiceState:
         self.metrics.inference_duration.observe(seconds)
         self.capacity.on_batch(n, seconds)
 
-    def on_cpu_work(self, cpu_s: float) -> None:
-        """A request's CPU-pool work took ``cpu_s`` seconds of CPU time (not wall time: beside a forward pass its
-        wall time grows with the contention the gate is there to avoid). Updates the gate's choice."""
-        self.cpu_work_s = cpu_s if self.cpu_work_s is None else 0.8 * self.cpu_work_s + 0.2 * cpu_s
+    def on_answered(
+        self, spent: list[tuple[float, float]], admitted_at: float | None = None, predicted_s: float | None = None
+    ) -> None:
+        """A request was answered 200 after CPU-pool steps that took ``spent`` ((seconds, CPU seconds) each);
+        ``admitted_at`` and ``predicted_s`` are what :meth:`admit` returned for it. Updates the admission's
+        measurements and the gate's choice."""
+        ratio = self.capacity.on_answered(
+            sum(wall for wall, _ in spent), sum(cpu for _, cpu in spent), admitted_at, predicted_s
+        )
+        if ratio is not None:
+            self.metrics.admission_error.observe(ratio)
         if self.adaptive_turns:
-            bar = TURN_RATIO * (0.8 if self.gate.enabled else 1.0)  # a margin, so that noise does not flip it
-            turns = self.capacity.forward_s >= bar * self.cpu_work_s
+            # CPU time, not wall time: beside a forward pass the wall time grows with the contention the gate
+            # is there to avoid. A margin before turning back, so that noise near the bar does not flip it.
+            cpu_time_s = self.capacity.cpu_time_s
+            bar = TURN_RATIO * (0.8 if self.gate.enabled else 1.0)
+            turns = self.capacity.forward_s >= bar * cpu_time_s
             if turns != self.gate.enabled:
                 log.info(
                     "decoding and post-processing now run %s forward passes (%.3fs per image; %.3fs of CPU per request)",
                     "between" if turns else "beside",
                     self.capacity.forward_s,
-                    self.cpu_work_s,
+                    cpu_time_s,
                 )
             self.gate.enabled = turns
 
@@ -205,7 +210,7 @@ class ServiceState:
                 {"Retry-After": self.retry_after()},
             )
         predicted = self.capacity.predicted_s(self.admitted)
-        if self.admitted > 0 and predicted > ADMIT_FRACTION * remaining_s:
+        if self.admitted > 0 and predicted > self.settings.admit_share * remaining_s:
             return HTTPError(
                 503,
                 "queue_full",
@@ -263,3 +268,7 @@ class ServiceState:
             return await asyncio.wait_for(work, remaining)
         except asyncio.TimeoutError:
             raise HTTPError(504, "timeout", f"the request's deadline passed during {step}") from None
+        finally:
+            # Answered, 504 or cancelled: the turn is over. A step cut off at the deadline keeps running in its
+            # thread, but beside the next pass; passes must not wait for work no one will use.
+            self.gate.forget(ticket)

@@ -13,6 +13,7 @@ import pytest
 
 from runtimes.runner import available_cpus
 from service.batching import Batcher, BatchPolicy, Item
+from service.errors import HTTPError
 from service.gate import TurnGate
 from service.settings import Settings
 from service.state import ServiceState, takes_turns
@@ -133,6 +134,38 @@ def test_the_services_cpu_work_never_runs_during_a_forward_pass_when_taking_turn
     assert state.gate.busy() == (0, 0)
 
 
+def test_a_step_cut_off_at_its_deadline_does_not_hold_up_the_next_pass():
+    """A 36-megapixel semantic map can take seconds past its request's 504: its thread cannot be stopped, but
+    the next request's pass must not wait for it (it did: the next request got 504 too)."""
+    state = ServiceState(Settings(cpu_work_between_passes=True))
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow_step():
+        release.wait(10)  # runs on long after its deadline
+
+    def forward():
+        with state.gate.forward():
+            entered.set()
+
+    passed_while_it_ran: list[bool] = []
+
+    async def scenario():
+        try:
+            await state.before(time.monotonic() + 0.05, "post-processing", [], slow_step)
+        finally:
+            t = in_thread(forward)
+            passed_while_it_ran.append(entered.wait(5))  # before the cut-off step ends
+            release.set()
+            t.join(5)
+            await state.close()
+
+    with pytest.raises(HTTPError) as refused:
+        asyncio.run(scenario())
+    assert refused.value.status == 504
+    assert passed_while_it_ran == [True] and state.gate.busy() == (0, 0)
+
+
 def test_opening_the_gate_lets_a_waiting_task_go_on():
     gate = TurnGate()
     ran = threading.Event()
@@ -152,18 +185,18 @@ def test_by_default_the_service_takes_turns_only_while_the_pass_dominates_the_cp
         pytest.skip("this process may not use all the cores")
     state = ServiceState(Settings())
     state.capacity.seed(1.1)
-    state.on_cpu_work(0.045)
+    state.on_answered([(0.05, 0.045)])
     assert state.gate.enabled
     state.capacity.seed(0.07)
     for _ in range(20):
-        state.on_cpu_work(0.025)
+        state.on_answered([(0.03, 0.025)])
     assert not state.gate.enabled
     state.capacity.seed(1.1)
-    state.on_cpu_work(0.025)
+    state.on_answered([(0.03, 0.025)])
     assert state.gate.enabled
     fixed = ServiceState(Settings(cpu_work_between_passes=True))
     fixed.capacity.seed(0.07)
-    fixed.on_cpu_work(0.5)
+    fixed.on_answered([(0.5, 0.5)])
     assert fixed.gate.enabled
     for s in (state, fixed):
         s.infer_pool.shutdown()
