@@ -83,13 +83,13 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str | None, batch: int, delay_ms: float):
+    def __init__(self, model: str | None, batch: int, delay_ms: float, env: dict[str, str] | None = None):
         self.port = free_port()
         cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), "--max-queue", "256"]
         cmd += ["--max-batch-size", str(batch), "--max-batch-delay-ms", str(delay_ms), "--log-level", "warning"]
         if model:
             cmd += ["--model", model]
-        self.proc = subprocess.Popen(cmd, cwd=REPO)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})})
         self.base = f"http://127.0.0.1:{self.port}"
         end = time.monotonic() + 300
         while time.monotonic() < end:

@@ -217,9 +217,12 @@ class NaiveServer:
 
 
 def start(server: str, checkpoint: Path, models: dict[str, Path]) -> NaiveServer | Server:
+    """``server``: a name of ``SERVERS``, for ``m2f serve`` optionally with ``@share`` (``M2F_ADMIT_SHARE``)."""
     if server == "naive":
         return NaiveServer(checkpoint)
-    return Server(str(models[server]), batch=4, delay_ms=5.0)  # m2f serve's default batching
+    name, _, share = server.partition("@")
+    env = {"M2F_ADMIT_SHARE": share} if share else None
+    return Server(str(models[name]), batch=4, delay_ms=5.0, env=env)  # m2f serve's default batching
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -265,9 +268,24 @@ def batching(proc: NaiveServer | Server, before: dict[str, Any] | None = None) -
     info = httpx.get(proc.base + "/v1/model", timeout=30).json()["batching"]
     total, count = proc.batch_sizes()
     out = {"max_batch_size": info["max_batch_size"], "profile_s": info["profile_s"], "sum": total, "count": count}
+    out["admission_error"] = admission_errors(proc.base)
     if before is not None:
         done = count - before["count"]
         out["mean_batch"] = (total - before["sum"]) / done if done else None
+    return out
+
+
+def admission_errors(base: str) -> dict[str, float]:
+    """Since the server started: answered requests (``count``) and the shares of them whose real time from
+    admission to answer exceeded the predicted one by more than 1.1x, 1.25x, 1.5x and 2x."""
+    buckets: dict[str, float] = {}
+    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
+        if line.startswith("m2f_admission_error_bucket"):
+            buckets[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+    count = buckets.get("+Inf", 0.0)
+    out = {"count": count}
+    for le in ("1.1", "1.25", "1.5", "2.0"):
+        out[f"over_{le}"] = round(1 - buckets[le] / count, 4) if count and le in buckets else None
     return out
 
 
@@ -363,6 +381,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup-seconds", type=float, help="load before each measurement, not counted (default 3; tiny 1)")
     p.add_argument("--rounds", type=int, default=1, help="passes over all points; results pooled (default 1)")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    p.add_argument(
+        "--admit-shares",
+        type=float,
+        nargs="+",
+        help="run each m2f server once per M2F_ADMIT_SHARE value (rows named server@share); default: its default",
+    )
     p.add_argument("--task", choices=("panoptic", "instance"), default="panoptic")
     p.add_argument("--threshold", type=float, default=0.8, help="score threshold, both servers (default 0.8)")
     p.add_argument("--overlap-mask-area-threshold", type=float, default=0.8, help="both servers (default 0.8)")
@@ -383,6 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.warmup_seconds = args.warmup_seconds if args.warmup_seconds is not None else (1.0 if args.tiny else 3.0)
     if args.rounds < 1 or min(args.concurrency) < 1 or args.seconds <= 0:
         p.error("--rounds, --concurrency and --seconds must be positive")
+    args.models = [s for s in args.servers if s != "naive"]
+    if args.admit_shares:  # naive once, each m2f server once per share
+        shares = args.admit_shares
+        args.servers = list(dict.fromkeys(s if s == "naive" else f"{s}@{x:g}" for s in args.servers for x in shares))
     return args
 
 
@@ -402,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(M2F_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     checkpoint = build_checkpoint(setting, work / "checkpoint", args.seed)
     models: dict[str, Path] = {"m2f-torch": checkpoint}
-    if "m2f-onnx-fp32" in args.servers:
+    if "m2f-onnx-fp32" in args.models:
         models["m2f-onnx-fp32"] = export(checkpoint, work / "fp32.onnx", quantize=False)
-    if "m2f-onnx-int8" in args.servers:
+    if "m2f-onnx-int8" in args.models:
         models["m2f-onnx-int8"] = export(checkpoint, work / "int8.onnx", quantize=True)
     if args.prepare:
         print(f"prepared: {', '.join(str(m) for m in models.values())}")
