@@ -45,6 +45,9 @@ class Item:
     enqueued: float = 0.0  # clock time of ``BatchPolicy.add``
     future: Any = None  # set by the Batcher: the asyncio future the request awaits
     seq: int = 0  # arrival order, set by ``BatchPolicy.add``
+    # Set by the Batcher after its pass: the gate's place in line for its post-processing, which the submitter
+    # owns: pass it to ``ServiceState.before`` or give it back (``TurnGate.forget``), else later passes wait.
+    ticket: int | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,11 @@ class Batcher:
             self.on_batch(len(batch), inference_s)
             for i, it in enumerate(batch):
                 if not it.future.done():
+                    # Its post-processing goes before the next pass: the ticket is taken here, before that pass
+                    # is submitted (the request would take one only once the event loop resumes it, and the
+                    # next pass, started from the inference thread, usually got in line first). Given back by
+                    # the request whatever happens to it (service.segment.answer).
+                    it.ticket = self.gate.ticket()
                     it.future.set_result(
                         BatchResult(class_logits[i], mask_logits[i], len(batch), started - it.enqueued, inference_s)
                     )

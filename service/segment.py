@@ -22,7 +22,6 @@ request still open at the drain timeout with a JSON 503 ``draining``.
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 import time
@@ -126,7 +125,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
     deadline = time.monotonic() + settings.request_timeout_s
     task_name = query.task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
     request.state.access = {"task": task_name}  # for the access-log line (service.logs)
-    status, admitted = 500, False
+    status, admitted, item = 500, False, None
     try:
         state.check_admission(deadline)  # a full queue or a draining server answers at once, before the upload
         data = await read_upload(request, state, deadline)
@@ -135,15 +134,14 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         prepared = await state.before(deadline, "decoding", spent, decode_and_prepare, data, state)
         decoded = time.perf_counter()
         request.state.access.update(height=prepared.original_size[0], width=prepared.original_size[1])
-        result = await wait_for_result(request, state, Item(prepared.pixels, prepared.resized_size), deadline)
+        item = Item(prepared.pixels, prepared.resized_size)
+        result = await wait_for_result(request, state, item, deadline)
         state.metrics.queue_duration.observe(result.queue_s)
-        post_start = time.perf_counter()
-        body = await state.before(  # not started past the deadline, and 504 at it
-            deadline,
-            "post-processing",
-            spent,
-            functools.partial(
-                pipeline.answer,
+
+        def post_process_and_encode() -> tuple[bytes, float]:
+            """One CPU step (one turn): the answer, its timings, its JSON -> (body, post-processing seconds)."""
+            t0 = time.perf_counter()
+            body = pipeline.answer(
                 task_name,
                 state.runner.config,
                 prepared,
@@ -153,21 +151,25 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
                 overlap_mask_area_threshold=query.overlap_mask_area_threshold,
                 max_instances=min(query.max_instances or settings.max_instances, settings.max_instances),
                 png=query.png,
-            ),
+            )
+            post_s = time.perf_counter() - t0
+            body["timings"] = {
+                "decode_s": decoded - started,
+                "queue_s": result.queue_s,
+                "inference_s": result.inference_s,
+                "postprocess_s": post_s,
+                "total_s": time.perf_counter() - started,
+                "batch_size": result.batch_size,
+            }
+            return json.dumps(body).encode(), post_s
+
+        # not started past the deadline, and 504 at it; in the place in line its batch took for it
+        content, post_s = await state.before(
+            deadline, "post-processing", spent, post_process_and_encode, ticket=item.ticket
         )
-        post_s = time.perf_counter() - post_start
         state.metrics.postprocess_duration.labels(task_name).observe(post_s)
-        body["timings"] = {
-            "decode_s": decoded - started,
-            "queue_s": result.queue_s,
-            "inference_s": result.inference_s,
-            "postprocess_s": post_s,
-            "total_s": time.perf_counter() - started,
-            "batch_size": result.batch_size,
-        }
         request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
         request.state.access.update(postprocess_s=post_s)
-        content = await state.before(deadline, "encoding", spent, lambda: json.dumps(body).encode())
         state.on_answered(spent, *admission)
         status = 200
         return Response(content, media_type="application/json")
@@ -183,6 +185,8 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         status = 500
         return error_response(500, "internal", "inference failed; see the server log")
     finally:
+        if item is not None and item.ticket is not None:
+            state.gate.forget(item.ticket)  # a place in line its batch took for it, unused if it failed first
         if admitted:
             state.release()
         state.metrics.requests.labels(task_name, str(status)).inc()

@@ -225,31 +225,43 @@ class ServiceState:
         if (refused := self.refusal(deadline - time.monotonic())) is not None:
             raise refused
 
-    def admit(self, deadline: float) -> tuple[float, float]:
+    def admit(self, deadline: float) -> tuple[float, float | None]:
         """Take a compute slot for a request due at ``deadline`` (``time.monotonic()``), or raise its 503.
-        Returns when it was admitted and the answer time predicted for it (for ``Capacity.on_answered``)."""
+        Returns when it was admitted and the answer time predicted for it (for ``Capacity.on_answered``); no
+        prediction before the first answer: one that rests on the warm-up alone, for requests that pay the
+        one-off costs of a new server (first calls at new sizes), must not calibrate the later ones."""
         self.check_admission(deadline)
         self.capacity.on_admitted(self.admitted)
         self.admitted += 1
         self.metrics.inflight.set(self.admitted)
-        return time.monotonic(), self.capacity.predicted_s(self.admitted - 1)
+        predicted = self.capacity.predicted_s(self.admitted - 1) if self.capacity.answered else None
+        return time.monotonic(), predicted
 
     def release(self) -> None:
         self.admitted -= 1
         self.metrics.inflight.set(self.admitted)
 
     async def before(
-        self, deadline: float, step: str, spent: list[tuple[float, float]], fn: Callable[..., Any], *args: Any
+        self,
+        deadline: float,
+        step: str,
+        spent: list[tuple[float, float]],
+        fn: Callable[..., Any],
+        *args: Any,
+        ticket: int | None = None,
     ) -> Any:
         """``fn(*args)`` in the CPU pool if the request's deadline (``time.monotonic()``) has not passed, and
         its result if it comes before the deadline; else 504. A step cut off at the deadline finishes in its
         worker thread (Python threads cannot be stopped), but no later step of that request starts.
-        (Seconds ``fn`` ran, its thread's CPU seconds) -- not its wait for a worker -- are appended to ``spent``."""
+        (Seconds ``fn`` ran, its thread's CPU seconds) -- not its wait for a worker -- are appended to ``spent``.
+        ``ticket``: its place in line for the gate, if taken earlier (``Item.ticket``); else taken now. It is given
+        back on every way out."""
+        if ticket is None:
+            ticket = self.gate.ticket()  # its place in line, taken now (see service.gate)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
+            self.gate.forget(ticket)
             raise HTTPError(504, "timeout", f"the request's deadline passed before {step}")
-
-        ticket = self.gate.ticket()  # its place in line, taken now (see service.gate)
 
         def timed() -> Any:
             with self.gate.cpu(ticket):

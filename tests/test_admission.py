@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from service.admission import Capacity
+from service.settings import Settings
+from service.state import ServiceState
 
 
 class Clock:
@@ -100,3 +104,38 @@ def test_the_admission_error_is_returned_for_the_metric():
     clock.now += 1.5 * predicted
     assert cap.on_answered(0.0, 0.0, admitted_at, predicted) == pytest.approx(1.5)
     assert cap.on_answered(0.0) is None  # nothing predicted: nothing to compare
+
+
+def test_the_first_answer_after_becoming_busy_is_not_an_interval():
+    """A burst of 8 at a new server: the first answer comes one whole latency (plus one-off costs) after the
+    burst, the next ones a pass apart. The first counts as one latency at most."""
+    clock = Clock()
+    cap = Capacity(clock)
+    cap.seed(1.2)
+    cap.on_admitted(0)
+    clock.now += 8.6  # first answer: start-up costs and a whole request
+    cap.on_answered(0.1)
+    assert cap.interval_s == pytest.approx(1.2, rel=0.01)  # before: 0.8 * 1.2 + 0.2 * 8.6 = 2.68
+    for _ in range(7):
+        clock.now += 1.2
+        cap.on_answered(0.1)
+    assert cap.interval_s == pytest.approx(1.2, rel=0.01)
+
+
+def test_requests_admitted_before_the_first_answer_do_not_calibrate():
+    """Their prediction rests on the warm-up alone; a new server's first requests pay one-off costs (at start-up
+    with 8 clients: 8.6 s for a 1.3 s prediction, calibration 2.2 after one answer, then 503s for a minute)."""
+    state = ServiceState(Settings())
+    state.ready = True
+    state.capacity.seed(1.0)
+    try:
+        deadline = time.monotonic() + 30
+        first = state.admit(deadline)
+        assert first[1] is None
+        state.on_answered([(0.1, 0.1)], *first)
+        state.release()
+        assert state.capacity.calibration == 1.0
+        assert state.admit(deadline)[1] == pytest.approx(state.capacity.predicted_s(0))
+    finally:
+        state.infer_pool.shutdown()
+        state.cpu_pool.shutdown()
