@@ -202,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-queue", type=int, help="requests admitted at once; more get 503 (32)")
     p.add_argument("--request-timeout-s", type=float, help="requests not answered by then get 504 (30)")
+    p.add_argument(
+        "--admit-share",
+        type=float,
+        help="admit a request only while its answer is predicted within this share of its time left (0.7)",
+    )
     p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
     p.add_argument("--cache-dir", type=Path, help="ONNX Runtime optimized-graph cache folder")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
@@ -266,7 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
     from service.settings import Settings  # lazy: pydantic-settings (the serve extra)
 
     names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")
-    names += ("request_timeout_s", "threads", "cache_dir", "log_level", "log_format", "batch_profile")
+    names += ("request_timeout_s", "admit_share", "threads", "cache_dir", "log_level", "log_format", "batch_profile")
     try:
         settings = Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     except ValidationError as e:

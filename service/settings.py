@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_queue: int = Field(32, ge=1, description="requests admitted and not yet answered; more get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request not answered by then gets 504")
     admit_share: float = Field(
-        0.5,
+        0.7,  # measured (BENCHMARKS.md): 0.5 refused 1-2 of 8 clients of a 14 s queue, with 504s nowhere
         gt=0,
         le=1,
         description="a request is admitted only while its answer is predicted within this share of the time it "
