@@ -54,12 +54,15 @@ def totals(base: str) -> dict[str, float]:
     return out
 
 
-def measure(base: str, data: list[bytes], level: int, seconds: float, nice: int | None) -> dict[str, Any]:
-    """One closed-loop phase: in this process (``nice`` None) or in a child at that niceness."""
+def measure(
+    base: str, data: list[bytes], level: int, seconds: float, nice: int | None, raw: bool = False
+) -> dict[str, Any]:
+    """One closed-loop phase: in this process (``nice`` None) or in a child at that niceness; ``raw``: the
+    photos as the request body rather than a multipart field."""
     params = {"task": "panoptic"}
     if nice is None:
-        return closed_loop(base, data, level, seconds, params)
-    return closed_loop_elsewhere(base, data, level, seconds, params, nice=nice)
+        return closed_loop(base, data, level, seconds, params, raw=raw)
+    return closed_loop_elsewhere(base, data, level, seconds, params, nice=nice, raw=raw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-seconds", type=float, default=10.0)
     p.add_argument("--nice", type=int, default=19, help="niceness added to the clients' process (default 19)")
     p.add_argument("--in-process", action="store_true", help="clients as threads of this process instead")
+    p.add_argument("--raw-body", action="store_true", help="send each photo as the body, not a multipart field")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     nice = None if args.in_process else args.nice
@@ -81,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         batching = httpx.get(server.base + "/v1/model", timeout=30).json()["batching"]  # the start-up profile
         print(f"batch size {batching['max_batch_size']} from the profile {batching['profile_s']}", flush=True)
-        measure(server.base, data, max(args.levels), args.warmup_seconds, nice)
+        measure(server.base, data, max(args.levels), args.warmup_seconds, nice, args.raw_body)
         for rnd in range(args.rounds):
             order = args.levels if rnd % 2 == 0 else args.levels[::-1]
             for level in order:
                 s0, n0 = server.batch_sizes()
                 t0 = totals(server.base)
-                run = measure(server.base, data, level, args.seconds, nice)
+                run = measure(server.base, data, level, args.seconds, nice, args.raw_body)
                 t1 = totals(server.base)
                 s1, n1 = server.batch_sizes()
                 d = {k: t1[k] - t0[k] for k in t0}

@@ -32,7 +32,7 @@ from service.client import retry_after_s  # noqa: E402
 
 
 def closed_loop(
-    base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any]
+    base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any], raw: bool = False
 ) -> dict[str, Any]:
     """``concurrency`` clients, each sending the next photo as soon as its answer is in, for ``seconds``.
 
@@ -51,12 +51,14 @@ def closed_loop(
         with httpx.Client(base_url=base, timeout=300) as c:
             i = k
             while time.monotonic() < stop_at:
-                files = {"image": ("photo.jpg", data[i % len(data)], "image/jpeg")}
+                photo = data[i % len(data)]  # raw: the JPEG as the body; else the multipart field ``image``
+                body = {"content": photo, "headers": {"Content-Type": "image/jpeg"}} if raw else {}
+                files = None if raw else {"image": ("photo.jpg", photo, "image/jpeg")}
                 t0 = time.perf_counter()
                 n = None
                 while time.monotonic() < stop_at:
                     try:
-                        r = c.post("/v1/segment", params=params, files=files)
+                        r = c.post("/v1/segment", params=params, files=files, **body)
                         wait = retry_after_s(r) if r.status_code == 503 else None
                         if wait is None:
                             n = len(r.json()["segments"]) if r.status_code == 200 else None
@@ -93,7 +95,13 @@ def closed_loop(
 
 
 def closed_loop_elsewhere(
-    base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any], nice: int = 19
+    base: str,
+    data: list[bytes],
+    concurrency: int,
+    seconds: float,
+    params: dict[str, Any],
+    nice: int = 19,
+    raw: bool = False,
 ) -> dict[str, Any]:
     """:func:`closed_loop` in a child process whose niceness is raised by ``nice`` (0: same priority as this one).
 
@@ -101,7 +109,16 @@ def closed_loop_elsewhere(
     with tempfile.TemporaryDirectory(prefix="m2f-loadgen-") as tmp:
         request = Path(tmp) / "request.pickle"
         request.write_bytes(
-            pickle.dumps({"base": base, "data": data, "concurrency": concurrency, "seconds": seconds, "params": params})
+            pickle.dumps(
+                {
+                    "base": base,
+                    "data": data,
+                    "concurrency": concurrency,
+                    "seconds": seconds,
+                    "params": params,
+                    "raw": raw,
+                }
+            )
         )
         out = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), str(request)],
