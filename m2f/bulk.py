@@ -45,7 +45,7 @@ from mask2former.postprocess_numpy import TASKS
 from model_export.metadata import read_metadata
 from runtimes import open_runner, typical_size
 from service import pipeline
-from service.batching import BatchPolicy, Item, assemble, choose_batch_size, profile_batches
+from service.batching import BatchPolicy, Item, assemble, choose_batch_size, describe_profile, profile_batches
 
 IDENTITY = ("num_images", "listing_sha256", "model", "runtime", "task", "format", "shard_size")
 IDENTITY += ("threshold", "overlap_mask_area_threshold", "max_instances")
@@ -162,8 +162,12 @@ class Infer:
             size = spec.size or typical_size(self.runner.config)
             seconds = profile_batches(self.runner.run, size, batch_size)
             batch_size = choose_batch_size(seconds)  # no latency limit: a bulk job wants images/s
-            per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in seconds.items())
-            log.info("batch profile at %dx%d, seconds per image: %s -> batch size %d", *size, per_image, batch_size)
+            log.info(
+                "batch profile at %dx%d, seconds per image (each round): %s -> batch size %d",
+                *size,
+                describe_profile(seconds),
+                batch_size,
+            )
         self.policy = BatchPolicy(
             max_batch_size=spec.batch or batch_size,
             max_delay_s=0.0,

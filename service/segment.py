@@ -243,7 +243,8 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         },
         "batching": {
             "max_batch_size": state.batcher.policy.max_batch_size,
-            "profile_s": {str(b): t for b, t in state.batch_seconds.items()},  # seconds per pass by batch size
+            # seconds of each measured pass (one per round) by batch size
+            "profile_s": {str(b): ts for b, ts in state.batch_seconds.items()},
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "bucket_px": settings.bucket_px,
             "max_queue": settings.max_queue,

@@ -20,7 +20,7 @@ from typing import Any
 from runtimes import Runner, open_runner, typical_size
 from runtimes.runner import available_cpus
 from service.admission import Capacity
-from service.batching import Batcher, BatchPolicy, choose_batch_size, profile_batches
+from service.batching import Batcher, BatchPolicy, choose_batch_size, describe_profile, profile_batches
 from service.errors import HTTPError
 from service.gate import TurnGate
 from service.logs import ContextThreadPoolExecutor
@@ -67,7 +67,7 @@ class ServiceState:
         self.adaptive_turns = self.gate.enabled and settings.cpu_work_between_passes is None
         self.capacity = Capacity()  # measured cost per request, for admission
         self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
-        self.batch_seconds: dict[int, float] = {}  # the profile: seconds per forward pass by batch size
+        self.batch_seconds: dict[int, list[float]] = {}  # the profile: seconds of each measured pass by batch size
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, on_load_error: Callable[[], None]) -> None:
@@ -103,12 +103,11 @@ class ServiceState:
             self.batch_seconds = profile_batches(self.runner.run, size, s.max_batch_size)
             # Latency limit: one pass may take at most a quarter of the request timeout.
             self.batch_size = choose_batch_size(self.batch_seconds, max_batch_s=s.request_timeout_s / 4)
-            self.capacity.seed(self.batch_seconds[1])
-            per_image = ", ".join(f"{b}: {t / b:.3f}s" for b, t in self.batch_seconds.items())
+            self.capacity.seed(min(self.batch_seconds[1]))
             log.info(
-                "batch profile at %dx%d, seconds per image by batch size: %s -> batch size %d (%.1fs)",
+                "batch profile at %dx%d, seconds per image by batch size (each round): %s -> batch size %d (%.1fs)",
                 *size,
-                per_image,
+                describe_profile(self.batch_seconds),
                 self.batch_size,
                 time.perf_counter() - t0,
             )

@@ -343,9 +343,9 @@ def test_plan_from_the_machine():
 def test_actors_choose_their_batch_size_from_their_own_timing(monkeypatch):
     timed = []
 
-    def profile(run, size, max_batch_size):  # seconds per pass: batches of 2 pay, 4 and 8 do not
+    def profile(run, size, max_batch_size):  # seconds per pass, two rounds: batches of 2 pay, 4 and 8 do not
         timed.append((size, max_batch_size))
-        return {1: 1.0, 2: 1.6, 4: 3.5, 8: 7.5}
+        return {1: [1.0, 1.1], 2: [1.6, 1.7], 4: [3.5, 3.6], 8: [7.5, 7.4]}
 
     monkeypatch.setattr(bulk, "profile_batches", profile)
     chosen = bulk.Infer(None, "torch", "cpu", 1, batch_size=8, bucket_px=128, profile=True)

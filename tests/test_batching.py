@@ -254,18 +254,34 @@ def test_stop_fails_waiting_requests():
 
 # ---------------------------------------------------------------------------------------------- batch size
 def test_batching_is_chosen_only_where_it_raises_throughput():
+    def choose(seconds: dict[int, float], **kw) -> int:  # a profile of one round
+        return choose_batch_size({b: [t] for b, t in seconds.items()}, **kw)
+
     # Throughput b / t: 1 -> 1.0, 2 -> 1.6, 4 -> 2.0 img/s: each step gains >= 10 %: batch 4.
-    assert choose_batch_size({1: 1.0, 2: 1.25, 4: 2.0}) == 4
+    assert choose({1: 1.0, 2: 1.25, 4: 2.0}) == 4
     # A real-size model on 2 cores: a batch of 3 takes longer per image than 1 image (the issue's 6.6 s vs 1.35 s).
-    assert choose_batch_size({1: 1.35, 2: 3.0, 4: 6.6}) == 1
+    assert choose({1: 1.35, 2: 3.0, 4: 6.6}) == 1
     # 2 gains, 4 loses against 2: stay at 2.
-    assert choose_batch_size({1: 1.0, 2: 1.2, 4: 3.0}) == 2
+    assert choose({1: 1.0, 2: 1.2, 4: 3.0}) == 2
     # A gain under BATCH_GAIN is not worth the wait for a batch to fill.
-    assert choose_batch_size({1: 1.0, 2: 2.0 / (BATCH_GAIN - 0.05)}) == 1
+    assert choose({1: 1.0, 2: 2.0 / (BATCH_GAIN - 0.05)}) == 1
     # The latency limit: a pass may not take longer than max_batch_s, whatever it gains.
-    assert choose_batch_size({1: 1.0, 2: 1.2, 4: 2.0}, max_batch_s=1.5) == 2
-    assert choose_batch_size({1: 3.0, 2: 3.1}, max_batch_s=1.0) == 1  # batch 1 is always possible
+    assert choose({1: 1.0, 2: 1.2, 4: 2.0}, max_batch_s=1.5) == 2
+    assert choose({1: 3.0, 2: 3.1}, max_batch_s=1.0) == 1  # batch 1 is always possible
     assert choose_batch_size({}) == 1
+
+
+def test_batching_must_gain_in_every_round_of_the_profile():
+    """The swin-tiny start that lost throughput at 8 clients: batch 1 slow in both rounds, one batch-2 pass
+    in a fast moment. The fastest pass of each size (1.42 vs 1.21 s per image) made batch 2 look like a 17 %
+    gain; within the other round it is a 3 % loss, so batching is no gain."""
+    seconds = {1: [1.42, 1.44], 2: [2.42, 2.96]}
+    assert choose_batch_size({b: [min(ts)] for b, ts in seconds.items()}) == 2  # the old rule, fastest passes
+    assert choose_batch_size(seconds) == 1
+    # A real gain shows in every round, however fast the machine was in each.
+    assert choose_batch_size({1: [1.0, 1.5], 2: [1.6, 2.4], 4: [2.5, 3.9]}) == 4
+    # The latency limit looks at the fastest pass of a size.
+    assert choose_batch_size({1: [1.0, 1.2], 2: [1.4, 1.7]}, max_batch_s=1.5) == 2
 
 
 def test_profile_times_each_batch_size_up_to_the_maximum():
@@ -276,7 +292,7 @@ def test_profile_times_each_batch_size_up_to_the_maximum():
         return None
 
     seconds = profile_batches(run, (32, 48), 6, repeats=2)
-    assert sorted(seconds) == [1, 2, 4, 6] and all(t >= 0 for t in seconds.values())
+    assert sorted(seconds) == [1, 2, 4, 6] and all(len(ts) == 2 and min(ts) >= 0 for ts in seconds.values())
     assert shapes.count((4, 3, 32, 48)) == 3  # one unmeasured pass, then the repeats
 
 
@@ -296,7 +312,7 @@ def test_a_slow_moment_during_the_profile_does_not_make_batching_look_like_a_gai
     seconds = profile_batches(run, (8, 8), 4, repeats=2, clock=lambda: now[0])
     assert len(calls) == 9 and sorted(calls[:3]) == [1, 2, 4]  # one unmeasured pass of each size, then 2 each
     assert choose_batch_size(seconds) == 1, seconds
-    assert seconds[1] == pytest.approx(0.1) and seconds[4] <= 3 * 0.4
+    assert min(seconds[1]) == pytest.approx(0.1) and min(seconds[4]) <= 3 * 0.4
 
 
 @pytest.mark.parametrize(
