@@ -20,8 +20,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 ALPHA = 0.2  # weight of the newest sample in the moving averages
+
+
+class Admission(NamedTuple):
+    """When a request was admitted (clock time) and the time to its answer predicted then (None before the
+    server's first answer: :meth:`service.state.ServiceState.admit`)."""
+
+    at: float
+    predicted_s: float | None
 
 
 def _average(old: float, new: float) -> float:
@@ -38,7 +47,6 @@ class Capacity:
         self.cpu_time_s: float | None = None  # the same work's CPU time (thread time), None before an answer
         self.interval_s = 0.0  # between two answers while busy
         self._ratio = 1.0  # real / predicted time of admitted requests (moving average)
-        self.answered = 0
         self._last_answer: float | None = None
         self._busy_since: float | None = None
 
@@ -46,6 +54,11 @@ class Capacity:
     def calibration(self) -> float:
         """What predictions are scaled by: the measured real / predicted ratio, at least 1."""
         return max(1.0, self._ratio)
+
+    @property
+    def answered(self) -> bool:
+        """Whether any request has been answered yet."""
+        return self._last_answer is not None
 
     @property
     def latency_s(self) -> float:
@@ -64,24 +77,17 @@ class Capacity:
         if admitted_before == 0:
             self._busy_since = self.clock()
 
-    def on_answered(
-        self,
-        cpu_s: float,
-        cpu_time_s: float = 0.0,
-        admitted_at: float | None = None,
-        predicted_s: float | None = None,
-    ) -> float | None:
+    def on_answered(self, cpu_s: float, cpu_time_s: float = 0.0, admission: Admission | None = None) -> float | None:
         """A request was answered 200 after ``cpu_s`` seconds of work in the CPU pool (``cpu_time_s`` of CPU
-        time); ``admitted_at`` (clock time) and ``predicted_s`` (what :meth:`predicted_s` said then) calibrate
-        later predictions. Returns its real / predicted time (None without a prediction)."""
+        time); its ``admission`` (when, and what :meth:`predicted_s` said then) calibrates later predictions.
+        Returns its real / predicted time (None without a prediction)."""
         now = self.clock()
         self.cpu_s = _average(self.cpu_s, cpu_s)
         self.cpu_time_s = cpu_time_s if self.cpu_time_s is None else _average(self.cpu_time_s, cpu_time_s)
         ratio = None
-        if admitted_at is not None and predicted_s:
-            ratio = (now - admitted_at) / predicted_s
+        if admission is not None and admission.predicted_s:
+            ratio = (now - admission.at) / admission.predicted_s
             self._ratio = _average(self._ratio, ratio)
-        self.answered += 1
         if self._busy_since is not None:
             if self._last_answer is not None and self._last_answer >= self._busy_since:
                 gap = now - self._last_answer  # between two answers of one busy period

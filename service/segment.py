@@ -170,7 +170,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         state.metrics.postprocess_duration.labels(task_name).observe(post_s)
         request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
         request.state.access.update(postprocess_s=post_s)
-        state.on_answered(spent, *admission)
+        state.on_answered(spent, admission)
         status = 200
         return Response(content, media_type="application/json")
     except asyncio.CancelledError:  # abandoned at the drain timeout (see answer_unless_abandoned)

@@ -19,7 +19,7 @@ from typing import Any
 
 from runtimes import Runner, open_runner, typical_size
 from runtimes.runner import available_cpus
-from service.admission import Capacity
+from service.admission import Admission, Capacity
 from service.batching import Batcher, BatchPolicy, choose_batch_size, describe_profile, profile_batches
 from service.errors import HTTPError
 from service.gate import TurnGate
@@ -141,15 +141,11 @@ class ServiceState:
         self.metrics.inference_duration.observe(seconds)
         self.capacity.on_batch(n, seconds)
 
-    def on_answered(
-        self, spent: list[tuple[float, float]], admitted_at: float | None = None, predicted_s: float | None = None
-    ) -> None:
+    def on_answered(self, spent: list[tuple[float, float]], admission: Admission | None = None) -> None:
         """A request was answered 200 after CPU-pool steps that took ``spent`` ((seconds, CPU seconds) each);
-        ``admitted_at`` and ``predicted_s`` are what :meth:`admit` returned for it. Updates the admission's
-        measurements and the gate's choice."""
-        ratio = self.capacity.on_answered(
-            sum(wall for wall, _ in spent), sum(cpu for _, cpu in spent), admitted_at, predicted_s
-        )
+        ``admission`` is what :meth:`admit` returned for it. Updates the admission's measurements and the
+        gate's choice."""
+        ratio = self.capacity.on_answered(sum(wall for wall, _ in spent), sum(cpu for _, cpu in spent), admission)
         if ratio is not None:
             self.metrics.admission_error.observe(ratio)
         if self.adaptive_turns:
@@ -224,9 +220,9 @@ class ServiceState:
         if (refused := self.refusal(deadline - time.monotonic())) is not None:
             raise refused
 
-    def admit(self, deadline: float) -> tuple[float, float | None]:
+    def admit(self, deadline: float) -> Admission:
         """Take a compute slot for a request due at ``deadline`` (``time.monotonic()``), or raise its 503.
-        Returns when it was admitted and the answer time predicted for it (for ``Capacity.on_answered``); no
+        Returns when it was admitted and the answer time predicted for it (for :meth:`on_answered`); no
         prediction before the first answer: one that rests on the warm-up alone, for requests that pay the
         one-off costs of a new server (first calls at new sizes), must not calibrate the later ones."""
         self.check_admission(deadline)
@@ -234,7 +230,7 @@ class ServiceState:
         self.admitted += 1
         self.metrics.inflight.set(self.admitted)
         predicted = self.capacity.predicted_s(self.admitted - 1) if self.capacity.answered else None
-        return time.monotonic(), predicted
+        return Admission(time.monotonic(), predicted)
 
     def release(self) -> None:
         self.admitted -= 1

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from service.admission import Capacity
+from service.admission import Admission, Capacity
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -70,12 +70,12 @@ def test_predictions_learn_from_requests_that_took_longer_than_predicted():
     for _ in range(20):  # every admitted request takes 3x what was predicted for it
         admitted_at, predicted = clock.now, cap.predicted_s(0)
         clock.now += 3 * predicted
-        cap.on_answered(0.0, 0.0, admitted_at, predicted)
+        cap.on_answered(0.0, 0.0, Admission(admitted_at, predicted))
     assert cap.calibration > 2.5 and cap.predicted_s(5) > 2.5 * before / 1.5
     for _ in range(60):  # and faster ones bring it back, never below 1
         admitted_at, predicted = clock.now, cap.predicted_s(0)
         clock.now += 0.1 * predicted
-        cap.on_answered(0.0, 0.0, admitted_at, predicted)
+        cap.on_answered(0.0, 0.0, Admission(admitted_at, predicted))
     assert cap.calibration == 1.0
 
 
@@ -91,7 +91,7 @@ def test_noise_around_the_prediction_does_not_ratchet_the_calibration_up():
         admitted_at, predicted = clock.now, cap.predicted_s(0)
         used.append(cap.calibration)
         clock.now += (0.5 if i % 2 == 0 else 1.5) * cap.latency_s  # the real time, whatever was predicted
-        cap.on_answered(0.0, 0.0, admitted_at, predicted)
+        cap.on_answered(0.0, 0.0, Admission(admitted_at, predicted))
     assert sum(used) / len(used) < 1.035
     assert min(used) == 1.0  # never trusted below what was measured
 
@@ -102,7 +102,7 @@ def test_the_admission_error_is_returned_for_the_metric():
     cap.seed(1.0)
     admitted_at, predicted = clock.now, cap.predicted_s(0)
     clock.now += 1.5 * predicted
-    assert cap.on_answered(0.0, 0.0, admitted_at, predicted) == pytest.approx(1.5)
+    assert cap.on_answered(0.0, 0.0, Admission(admitted_at, predicted)) == pytest.approx(1.5)
     assert cap.on_answered(0.0) is None  # nothing predicted: nothing to compare
 
 
@@ -131,11 +131,11 @@ def test_requests_admitted_before_the_first_answer_do_not_calibrate():
     try:
         deadline = time.monotonic() + 30
         first = state.admit(deadline)
-        assert first[1] is None
-        state.on_answered([(0.1, 0.1)], *first)
+        assert first.predicted_s is None
+        state.on_answered([(0.1, 0.1)], first)
         state.release()
         assert state.capacity.calibration == 1.0
-        assert state.admit(deadline)[1] == pytest.approx(state.capacity.predicted_s(0))
+        assert state.admit(deadline).predicted_s == pytest.approx(state.capacity.predicted_s(0))
     finally:
         state.infer_pool.shutdown()
         state.cpu_pool.shutdown()
