@@ -102,3 +102,38 @@ def start_server(tmp_path_factory):
     yield start
     for server in servers:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- demo graphs
+@pytest.fixture(scope="session")
+def demo_onnx(tmp_path_factory) -> Path:
+    """The demo checkpoint through the exporter once per test run (about 30 s on 2 cores): fixed 160x160,
+    dynamic batch, checked against PyTorch by the exporter itself. Shared by the service, demo-model and
+    evaluation-report tests, which each used to export it again."""
+    pytest.importorskip("onnxruntime")
+    from mask2former.weights import DEMO_WEIGHTS
+    from model_export.onnx import export_onnx
+
+    path = tmp_path_factory.mktemp("demo-onnx") / "demo-fp32.onnx"
+    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, dynamic_batch=True, log=None)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_onnx_int8(demo_onnx, tmp_path_factory) -> Path:
+    """:func:`demo_onnx` through the exporter's int8 step, the one ``export_onnx(quantize="int8")`` runs on the
+    graph it wrote (int8 MatMul weights per channel; the int8 export's own check is tested on the tiny model)."""
+    import dataclasses
+    import shutil
+
+    from model_export import int8
+    from model_export.graph import save
+    from model_export.metadata import read_metadata, write_metadata
+
+    path = tmp_path_factory.mktemp("demo-onnx-int8") / "demo-int8.onnx"
+    shutil.copy(demo_onnx, path)
+    meta = dataclasses.replace(read_metadata(demo_onnx), quantization="int8-dynamic", quantization_info=dict(int8.INFO))
+    proto = int8.quantize_dynamic_int8(path)
+    write_metadata(proto, meta)
+    save(proto, path)
+    return path

@@ -74,28 +74,21 @@ def test_heldout_subset_scores_as_recorded(scores, task, path):
     assert got == pytest.approx(want, abs=TOLERANCE), f"{task} {'/'.join(path)}: {got:.2f}, recorded {want:.2f}"
 
 
-def test_onnx_export_scores_the_same_pq(tmp_path, scores, heldout_subset):
-    """The demo model exported to ONNX and run in ONNX Runtime gives the same PQ as in PyTorch."""
-    pytest.importorskip("onnxruntime")
-    from model_export.onnx import export_onnx
+def test_onnx_export_scores_the_same_pq(demo_onnx, scores, heldout_subset):
+    """The demo model exported to ONNX (160x160; tests/conftest.py) and run in ONNX Runtime gives the same
+    PQ as in PyTorch."""
     from runtimes.onnx_runner import OnnxRunner
 
-    path = tmp_path / "demo.onnx"
-    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, batch=4, log=lambda line: None)
-    runner = OnnxRunner(path, threads=2)
+    runner = OnnxRunner(demo_onnx, threads=2)
     onnx_pq = evaluate(runner, heldout_subset, "panoptic", batch_size=4, progress=False)["metrics"]
     for split in ("all", "things", "stuff"):
         assert onnx_pq[split]["pq"] == pytest.approx(scores["panoptic"][split]["pq"], abs=1e-9)
 
 
-def test_int8_export_loses_little_pq(tmp_path, scores, heldout_subset):
+def test_int8_export_loses_little_pq(demo_onnx_int8, scores, heldout_subset):
     """int8 weights (dynamic quantization, for the CPU): panoptic PQ within 1 point of PyTorch's on the
     held-out subset (bench/onnxruntime_vs_eager.py --int8 measures it on 500 images)."""
-    pytest.importorskip("onnxruntime")
-    from model_export.onnx import export_onnx
     from runtimes.onnx_runner import OnnxRunner
 
-    path = tmp_path / "demo-int8.onnx"
-    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, batch=4, quantize="int8", log=lambda line: None)
-    int8_pq = evaluate(OnnxRunner(path, threads=2), heldout_subset, "panoptic", batch_size=4, progress=False)
+    int8_pq = evaluate(OnnxRunner(demo_onnx_int8, threads=2), heldout_subset, "panoptic", batch_size=4, progress=False)
     assert int8_pq["metrics"]["all"]["pq"] == pytest.approx(scores["panoptic"]["all"]["pq"], abs=1.0)

@@ -1,7 +1,7 @@
 """``m2f eval --model A --model B --report DIR``: backends compared on the demo model and its ONNX exports.
 
-One float32 export of the demo model (fixed 160x160 input, batch 4: the cheapest trace; 6 images make the last
-batch short, so the runner pads it), its int8 version made by the exporter's quantization step, and a copy of
+One float32 export of the demo model (fixed 160x160 input, dynamic batch: the one ``tests/conftest.py`` makes
+for the whole run), its int8 version made by the exporter's quantization step, and a copy of
 the float32 graph edited so that one class can never win (its logit pushed down by 1e4) play the backends,
 on 6 synthetic images.
 """
@@ -9,7 +9,6 @@ on 6 synthetic images.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import html
 import io
 import json
@@ -67,22 +66,11 @@ def kill_class(src: Path, dst: Path, label: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, Path]:
-    """fp32 through the exporter; int8 = the exporter's quantization step on that graph; the class-killed copy."""
-    from model_export import int8
-    from model_export.metadata import read_metadata, write_metadata
-    from model_export.onnx import export_onnx
-
-    folder = tmp_path_factory.mktemp("onnx")
-    fp32 = folder / "demo-fp32.onnx"
-    export_onnx(DEMO_WEIGHTS, fp32, height=160, width=160, batch=4, check=False, log=None)
-    q8 = folder / "demo-int8.onnx"
-    shutil.copy(fp32, q8)
-    meta = dataclasses.replace(read_metadata(fp32), quantization="int8-dynamic", quantization_info=dict(int8.INFO))
-    proto = int8.quantize_dynamic_int8(q8)
-    write_metadata(proto, meta)
-    onnx.save_model(proto, str(q8))
-    return {"fp32": fp32, "int8": q8, "killed": kill_class(fp32, folder / "demo-killed.onnx", KILLED)}
+def exports(demo_onnx, demo_onnx_int8, tmp_path_factory) -> dict[str, Path]:
+    """fp32 through the exporter; int8 = the exporter's quantization step on that graph (both shared with other
+    modules, tests/conftest.py); the class-killed copy."""
+    killed = kill_class(demo_onnx, tmp_path_factory.mktemp("onnx") / "demo-killed.onnx", KILLED)
+    return {"fp32": demo_onnx, "int8": demo_onnx_int8, "killed": killed}
 
 
 @pytest.fixture(scope="module")

@@ -482,17 +482,6 @@ def test_port_in_use_fails_at_once(start_server):
 
 
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
-@pytest.fixture(scope="module")
-def demo_onnx(tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    from mask2former.weights import DEMO_WEIGHTS
-    from model_export.onnx import export_onnx
-
-    path = tmp_path_factory.mktemp("onnx") / "demo-160.onnx"
-    export_onnx(DEMO_WEIGHTS, path, height=160, width=160, dynamic_batch=True, log=lambda line: None)
-    return path
-
-
 def mismatch(a: np.ndarray, b: np.ndarray) -> float:
     return float((a != b).mean())
 
