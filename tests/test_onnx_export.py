@@ -486,8 +486,11 @@ def check_swin_tiny(folder: Path, report, path: Path) -> None:
     assert len(meta.config["id2label"]) == 133 and meta.source_sha256 == checkpoint_sha256(folder)[0]
 
 
+@pytest.mark.slow
 def test_swin_tiny_export(swin_tiny_folder, tmp_path):
-    """Fixed shape (the dynamic-shape export of swin-tiny takes minutes: see the slow test below)."""
+    """Fixed shape (the dynamic-shape export of swin-tiny takes minutes: see the slow test below). Slow too: a
+    minute on 2 cores, the longest test of the default run, which covers the exporter on the tiny Swin and R50
+    configs (same code, fewer layers and channels) and swin-tiny's arithmetic by the PyTorch parity tests."""
     path = tmp_path / "swin-tiny.onnx"
     report = export_onnx(swin_tiny_folder, path, height=160, width=224, log=None)
     check_swin_tiny(swin_tiny_folder, report, path)
