@@ -44,17 +44,20 @@ def test_post_processing_past_the_deadline_gets_504(start_server):
 
 def test_every_admitted_request_is_answered_under_10x_overload(start_server):
     """64 clients, 3 requests each, as fast as they can, at 1280x960 (post-processing ~0.1 s a request on the
-    demo model) with a 3 s deadline: far more than fits. Admitted requests must all be answered in time.
+    demo model) with a 4 s deadline: far more than fits. Admitted requests must all be answered in time.
 
     The deadline is not shorter because the start of the burst (64 connections opened, most refused, on the
     same 2 cores as the server) costs a fixed time the service cannot have measured before it: with 2 s, a
     slow CI host once had 5 of 8 admitted requests time out; the default deadline is 30 s. For the same
     reason the admission share is the one such a short deadline needs (README): the default 0.7, sized for
-    30 s, leaves 0.9 s of a 3 s deadline, and 2 of 4 runs had 2-5 admitted requests time out."""
-    server = start_server("--request-timeout-s", "3", "--admit-share", "0.5")
+    30 s, left 0.9 s of a 3 s deadline, and 2 of 4 runs had 2-5 admitted requests time out; 0.5 of 3 s (1.5 s
+    of margin) still let 2 of 16 time out in one fresh-clone CI run of the whole suite. Now 0.4 of 4 s: about
+    as many admitted as 0.5 of 3 s (answers predicted within 1.6 s), 2.4 s of margin."""
+    server = start_server("--request-timeout-s", "4", "--admit-share", "0.4")
     batching = server.client.get("/v1/model").json()["batching"]  # the default: batch size from a profile
     profile = {int(b): t for b, t in batching["profile_s"].items()}
-    assert sorted(profile) == [1, 2, 4] and batching["max_batch_size"] == choose_batch_size(profile, 3 / 4)
+    quarter = 4 / 4  # the latency limit: one pass may take a quarter of the deadline
+    assert sorted(profile) == [1, 2, 4] and batching["max_batch_size"] == choose_batch_size(profile, quarter)
     image = Image.fromarray(synth.make_sample(seed=5, index=1).image).resize((1280, 960), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
