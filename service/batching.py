@@ -18,9 +18,11 @@ its image's slice of the outputs or the batch's exception (a failing batch fails
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -121,23 +123,29 @@ class BatchPolicy:
             del self._buckets[key]
         return True
 
-    def next_batch(self, now: float) -> list[Item] | None:
-        """The images of the next batch (removed from the policy), or None when no bucket is ready."""
+    def next_batch(self, now: float, limit: int | None = None) -> list[Item] | None:
+        """The images of the next batch (removed from the policy), or None when no bucket is ready; ``limit``
+        (at most ``max_batch_size``) stands for ``max_batch_size`` in this one decision (:class:`BatchCheck`)."""
+        n = self.max_batch_size if limit is None else max(1, min(limit, self.max_batch_size))
         ready = [
             (items[0].seq, key)
             for key, items in self._buckets.items()
-            if len(items) >= self.max_batch_size or now >= items[0].enqueued + self.max_delay_s
+            if len(items) >= n or now >= items[0].enqueued + self.max_delay_s
         ]
         if not ready:
             return None
         _, key = min(ready)
         items = self._buckets[key]
-        batch, rest = items[: self.max_batch_size], items[self.max_batch_size :]
+        batch, rest = items[:n], items[n:]
         if rest:
             self._buckets[key] = rest
         else:
             del self._buckets[key]
         return batch
+
+    def fullest(self) -> int:
+        """Images waiting in the fullest bucket."""
+        return max((len(items) for items in self._buckets.values()), default=0)
 
     def next_deadline(self) -> float | None:
         """Clock time at which a bucket becomes ready by waiting, or None when nothing waits."""
@@ -178,6 +186,8 @@ class Batcher:
         clock: the time source (``time.monotonic``).
         gate: whose turn it is on the cores (:class:`~service.gate.TurnGate`): each pass, padding included,
             runs in its ``forward()``; inference seconds are counted from when the pass got its turn.
+        check: checks the batch size against the served passes (:class:`BatchCheck`), if any: it sets the
+            batch size limit of each batch and sees every pass.
     """
 
     def __init__(
@@ -190,8 +200,10 @@ class Batcher:
         on_depth: Callable[[int], None] = lambda n: None,
         clock: Callable[[], float] = time.monotonic,
         gate: TurnGate | None = None,
+        check: BatchCheck | None = None,
     ):
         self.policy = policy
+        self.check = check
         self.gate = gate or TurnGate(enabled=False)
         self.run = run
         self.executor = executor
@@ -236,7 +248,8 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = self.policy.next_batch(self.clock())
+            limit = None if self.check is None else self.check.limit(self.policy.fullest())
+            batch = self.policy.next_batch(self.clock(), limit)
             if batch is None:
                 deadline = self.policy.next_deadline()
                 timeout = None if deadline is None else max(deadline - self.clock(), 0.0)
@@ -261,6 +274,8 @@ class Batcher:
                         it.future.set_exception(e)
                 continue
             self.on_batch(len(batch), inference_s)
+            if self.check is not None:
+                self.check.observe(len(batch), inference_s / (size[0] * size[1]))
             for i, it in enumerate(batch):
                 if not it.future.done():
                     # Its post-processing goes before the next pass: the ticket is taken here, before that pass
@@ -342,3 +357,77 @@ def choose_batch_size(seconds: dict[int, Sequence[float]], max_batch_s: float | 
         ):
             choice = b
     return choice
+
+
+CHECK_EVERY = 6  # passes between two checks of the batch size the profile chose against batch 1 (BatchCheck)
+CHECK_PAIRS = 5  # a decision takes the median of the last this many pairs of passes (and at least 3)
+
+
+class BatchCheck:
+    """Checks the profile's batch size against the passes the server runs, and turns batching off (and back on)
+    by what they show.
+
+    The profile (:func:`profile_batches`) is a few seconds at start-up: a slow moment of a shared CPU on its
+    batch-1 passes (swin-tiny on 2 cores: 1.64 and 1.90 s per image, where other starts measured 1.04-1.35)
+    chose batch 2, and that server answered 8 clients at 0.42 images/s against 0.53 for one. So while serving,
+    passes of the two sizes -- 1 and the profile's ``size`` -- are compared in **pairs**: a pass of one size
+    next to a pass of the other, which the machine ran at about the same speed. At most every ``every`` passes
+    of the size in use, the next batch has the other size (batch 1; or ``size`` when batching is off and that
+    many images wait in one bucket), unless load alone made such a pair. Time per image is divided by the
+    batch's padded pixels, so that images of other sizes compare. Batches of ``size`` stay in use while the
+    median of the last ``pairs`` pairs (of at least 3) has them ``BATCH_GAIN`` times faster per image, the
+    profile's own rule; until 3 pairs are in, the profile's choice stands.
+
+    Synchronous, no clock: the :class:`Batcher` asks :meth:`limit` before each batch and reports each pass to
+    :meth:`observe`.
+    """
+
+    def __init__(self, size: int, every: int = CHECK_EVERY, pairs: int = CHECK_PAIRS):
+        if size < 2:
+            raise ValueError(f"the batch size to check must be >= 2, got {size}")
+        self.size = size
+        self.every = every
+        self.in_use = size  # the batch size now: ``size`` or 1
+        self.ratios: collections.deque[float] = collections.deque(maxlen=max(pairs, 3))  # size's / 1's, per pixel
+        self._last: tuple[int, float] | None = None  # the last pass: (batch size, seconds per image and pixel)
+        self._since = 0  # passes since the last pair
+
+    def limit(self, waiting: int) -> int:
+        """The batch size limit of the next batch, with ``waiting`` images in the fullest bucket."""
+        other = 1 if self.in_use == self.size else self.size
+        if self._since >= self.every and waiting >= other:
+            return other
+        return self.in_use
+
+    def observe(self, images: int, seconds_per_pixel: float) -> None:
+        """A pass of ``images`` images took ``seconds_per_pixel`` seconds per pixel of its padded size."""
+        if images not in (1, self.size):  # a part batch: compares with neither
+            self._last = None
+            self._since += 1
+            return
+        this, last = (images, seconds_per_pixel / images), self._last
+        self._last = this
+        if last is None or last[0] == images:
+            self._since += 1
+            return
+        one, big = (this, last) if images == 1 else (last, this)
+        self.ratios.append(big[1] / one[1])
+        self._since = 0
+        self._last = None  # a pass counts in one pair only
+        if len(self.ratios) >= 3:
+            ratio = statistics.median(self.ratios)
+            in_use = self.size if ratio * BATCH_GAIN <= 1.0 else 1
+            if in_use != self.in_use:
+                log.info(
+                    "batches of %d took %.2f times the time per image of batch 1 (median of %d pairs of passes): "
+                    "batch size %d",
+                    self.size,
+                    ratio,
+                    len(self.ratios),
+                    in_use,
+                )
+            self.in_use = in_use
+
+    def describe(self) -> dict[str, Any]:
+        """For /v1/model: the size checked, the size in use, and the pairs' time-per-image ratios."""
+        return {"checked": self.size, "in_use": self.in_use, "ratios": [round(r, 3) for r in self.ratios]}

@@ -245,6 +245,8 @@ def model_info(state: ServiceState) -> dict[str, Any]:
             "max_batch_size": state.batcher.policy.max_batch_size,
             # seconds of each measured pass (one per round) by batch size
             "profile_s": {str(b): ts for b, ts in state.batch_seconds.items()},
+            # the profile's batch size (> 1) checked against served passes: the size in use now, and why
+            "check": None if state.batch_check is None else state.batch_check.describe(),
             "max_batch_delay_ms": settings.max_batch_delay_ms,
             "bucket_px": settings.bucket_px,
             "max_queue": settings.max_queue,

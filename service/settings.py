@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     batch_profile: bool = Field(
         True,
         description="at start-up, time the forward pass by batch size and batch (up to max_batch_size) only "
-        "where it raises throughput",
+        "where it raises throughput; while serving, check that choice against batch 1 (service.batching.BatchCheck)",
     )
     bucket_px: int = Field(128, ge=32, description="padded sizes are grouped in steps of this many pixels")
     max_queue: int = Field(32, ge=1, description="requests admitted and not yet answered; more get 503")

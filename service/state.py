@@ -20,7 +20,14 @@ from typing import Any
 from runtimes import Runner, open_runner, typical_size
 from runtimes.runner import available_cpus
 from service.admission import Admission, Capacity
-from service.batching import Batcher, BatchPolicy, choose_batch_size, describe_profile, profile_batches
+from service.batching import (
+    BatchCheck,
+    Batcher,
+    BatchPolicy,
+    choose_batch_size,
+    describe_profile,
+    profile_batches,
+)
 from service.errors import HTTPError
 from service.gate import TurnGate
 from service.logs import ContextThreadPoolExecutor
@@ -68,6 +75,7 @@ class ServiceState:
         self.capacity = Capacity()  # measured cost per request, for admission
         self.batch_size = settings.max_batch_size  # the batcher's, from the profile (see `load`)
         self.batch_seconds: dict[int, list[float]] = {}  # the profile: seconds of each measured pass by batch size
+        self.batch_check: BatchCheck | None = None  # checks a profiled batch size > 1 against served passes
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, on_load_error: Callable[[], None]) -> None:
@@ -104,6 +112,8 @@ class ServiceState:
             # Latency limit: one pass may take at most a quarter of the request timeout.
             self.batch_size = choose_batch_size(self.batch_seconds, max_batch_s=s.request_timeout_s / 4)
             self.capacity.seed(min(self.batch_seconds[1]))
+            if self.batch_size > 1:
+                self.batch_check = BatchCheck(self.batch_size)
             log.info(
                 "batch profile at %dx%d, seconds per image by batch size (each round): %s -> batch size %d (%.1fs)",
                 *size,
@@ -130,6 +140,7 @@ class ServiceState:
             on_batch=self._on_batch,
             on_depth=self._on_depth,
             gate=self.gate,
+            check=self.batch_check,
         )
         self.batcher.start()
         self.metrics.model_info.labels(runner.config.name, runner.name).set(1)

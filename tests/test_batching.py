@@ -12,7 +12,16 @@ import pytest
 
 from mask2former.config import PreprocessConfig
 from runtimes import typical_size
-from service.batching import BATCH_GAIN, Batcher, BatchPolicy, Item, assemble, choose_batch_size, profile_batches
+from service.batching import (
+    BATCH_GAIN,
+    BatchCheck,
+    Batcher,
+    BatchPolicy,
+    Item,
+    assemble,
+    choose_batch_size,
+    profile_batches,
+)
 
 
 def item(h: int, w: int, value: float = 1.0) -> Item:
@@ -313,6 +322,74 @@ def test_a_slow_moment_during_the_profile_does_not_make_batching_look_like_a_gai
     assert len(calls) == 9 and sorted(calls[:3]) == [1, 2, 4]  # one unmeasured pass of each size, then 2 each
     assert choose_batch_size(seconds) == 1, seconds
     assert min(seconds[1]) == pytest.approx(0.1) and min(seconds[4]) <= 3 * 0.4
+
+
+def test_the_check_turns_batching_off_where_served_batches_are_slower_per_image_and_back_on():
+    check = BatchCheck(4, every=3, pairs=5)
+    sizes = []
+
+    def serve(passes: int, per_image: dict[int, float], waiting: int = 8) -> None:
+        for _ in range(passes):
+            n = check.limit(waiting)
+            sizes.append(n)
+            check.observe(n, per_image[n] * n / 1000.0)  # a 1000-pixel batch
+
+    serve(12, {1: 1.0, 4: 1.05})  # batches of 4 gain 5 %, not the 10 % the profile's rule asks
+    assert sizes[:4] == [4, 4, 4, 1]  # every 3 passes of 4, one of 1 beside them
+    assert check.in_use == 1 and len(check.ratios) == 3 and check.ratios[0] == pytest.approx(1.05)
+    sizes.clear()
+    serve(12, {1: 1.0, 4: 0.5})  # now batches of 4 run twice as fast per image: back on at the median
+    assert sizes[:4] == [1, 1, 1, 4] and check.in_use == 4
+    assert check.describe() == {"checked": 4, "in_use": 4, "ratios": [1.05, 1.05, 0.5, 0.5, 0.5]}
+    sizes.clear()
+    serve(8, {1: 1.0, 4: 0.5}, waiting=2)  # in use: a pass of 1 is possible whatever waits ...
+    assert 1 in sizes
+    check.in_use = 1
+    sizes.clear()
+    serve(8, {1: 1.0, 4: 0.5}, waiting=2)  # ... a pass of 4 only when 4 wait in one bucket
+    assert set(sizes) == {1}
+
+
+def test_the_check_compares_time_per_image_and_pixel_and_skips_part_batches():
+    check = BatchCheck(2, every=1)
+    check.observe(2, 2.0 / 4000)  # 2 images padded to 4000 pixels: 0.25 ms per image and pixel
+    check.observe(1, 0.5 / 1000)  # 1 image of 1000 pixels: 0.5 ms
+    assert list(check.ratios) == [pytest.approx(0.5)]
+    check = BatchCheck(4, every=1)
+    check.observe(4, 1.0)
+    check.observe(3, 0.1)  # a part batch: not a pair with either neighbour
+    check.observe(1, 1.0)
+    assert not check.ratios
+    with pytest.raises(ValueError, match=">= 2"):
+        BatchCheck(1)
+
+
+def test_a_batcher_whose_profile_chose_a_losing_batch_size_falls_back_to_batch_1():
+    """The swin-tiny start that chose batch 2 from a slow moment on batch 1, then served 8 clients at 0.42
+    images/s against 0.53 for one: batches of 2 at 1.2 s per image against 1.0 for batch 1 (on a fake clock).
+    Without the check every pass is a batch of 2; with it the server goes to batch 1 after 3 pairs."""
+    now = [0.0]
+
+    def run(x):
+        now[0] += {1: 1.0, 2: 2.4}[x.shape[0]]
+        return x.sum(axis=(2, 3))[:, None, :], x[:, :1, ::4, ::4]
+
+    async def serve(check):
+        with ThreadPoolExecutor(1) as pool:
+            sizes = []
+            policy = BatchPolicy(max_batch_size=2, max_delay_s=0.0)
+            batcher = Batcher(
+                policy, run, pool, on_batch=lambda n, s: sizes.append(n), clock=lambda: now[0], check=check
+            )
+            batcher.start()
+            await asyncio.gather(*(batcher.submit(item(32, 32)) for _ in range(60)))
+            await batcher.stop()
+            return sizes
+
+    assert set(run_async(serve(None))) == {2}
+    sizes = run_async(serve(BatchCheck(2)))
+    # Every 6 passes of the size in use, one of the other beside them; batch 1 from the third pair on.
+    assert sizes[:28] == ([2] * 6 + [1]) * 3 + [1] * 6 + [2] and sum(sizes) == 60
 
 
 @pytest.mark.parametrize(

@@ -58,6 +58,10 @@ def test_every_admitted_request_is_answered_under_10x_overload(start_server):
     profile = {int(b): t for b, t in batching["profile_s"].items()}
     quarter = 4 / 4  # the latency limit: one pass may take a quarter of the deadline
     assert sorted(profile) == [1, 2, 4] and batching["max_batch_size"] == choose_batch_size(profile, quarter)
+    if batching["max_batch_size"] > 1:  # checked against the served passes (batch 1 until 3 pairs say otherwise)
+        assert batching["check"]["checked"] == batching["max_batch_size"] == batching["check"]["in_use"]
+    else:
+        assert batching["check"] is None
     image = Image.fromarray(synth.make_sample(seed=5, index=1).image).resize((1280, 960), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=90)
