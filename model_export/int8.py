@@ -25,15 +25,19 @@ imports it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+if TYPE_CHECKING:
+    from model_export.metadata import ExportMetadata
 
 WEIGHT_DTYPES = ("uint8", "int8")
 # What the metadata says of an int8 export (ExportMetadata.quantization_info).
@@ -76,6 +80,20 @@ def quantize_dynamic_int8(path: Path) -> Any:
         model = onnx.load(str(quantized))
     store_weights(model, "uint8")
     return model
+
+
+def quantize_export(path: Path) -> tuple[Any, ExportMetadata]:
+    """Quantize the float32 export at ``path`` in place (:func:`quantize_dynamic_int8`), its metadata carried
+    over and marked int8 (``quantization="int8-dynamic"``, :data:`INFO`); returns what it saved: the
+    ``onnx.ModelProto`` and that metadata."""
+    from model_export.graph import save  # lazy: the runner imports this module for what follows
+    from model_export.metadata import read_metadata, write_metadata
+
+    meta = dataclasses.replace(read_metadata(path), quantization="int8-dynamic", quantization_info=dict(INFO))
+    proto = quantize_dynamic_int8(path)
+    write_metadata(proto, meta)
+    save(proto, path)
+    return proto, meta
 
 
 def integer_matmul_weights(model: Any) -> dict[str, str]:

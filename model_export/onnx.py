@@ -267,16 +267,12 @@ def export_onnx(
                 "exporter": "torch.export + torch.onnx",
                 **({"plugins": ", ".join(PLUGIN_OPS)} if plugins else {}),
             },
-            quantization="int8-dynamic" if quantize else "",
-            quantization_info=dict(int8.INFO) if quantize else {},
         )
         write_metadata(proto, meta)
         save(proto, output)
     if quantize:
         with steps("quantize MatMul weights to int8 (per channel; activations at run time)"):
-            proto = int8.quantize_dynamic_int8(output)
-            write_metadata(proto, meta)
-            save(proto, output)
+            proto, meta = int8.quantize_export(output)
 
     with steps("onnx.checker, dtype and op scan"):
         onnx.checker.check_model(str(output), full_check=True)

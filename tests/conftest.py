@@ -121,19 +121,14 @@ def demo_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_onnx_int8(demo_onnx, tmp_path_factory) -> Path:
-    """:func:`demo_onnx` through the exporter's int8 step, the one ``export_onnx(quantize="int8")`` runs on the
-    graph it wrote (int8 MatMul weights per channel; the int8 export's own check is tested on the tiny model)."""
-    import dataclasses
+    """:func:`demo_onnx` through the exporter's int8 step (``int8.quantize_export``, which
+    ``export_onnx(quantize="int8")`` runs on the graph it wrote: int8 MatMul weights per channel, metadata
+    marked int8); the int8 export's own check is tested on the tiny model."""
     import shutil
 
     from model_export import int8
-    from model_export.graph import save
-    from model_export.metadata import read_metadata, write_metadata
 
     path = tmp_path_factory.mktemp("demo-onnx-int8") / "demo-int8.onnx"
     shutil.copy(demo_onnx, path)
-    meta = dataclasses.replace(read_metadata(demo_onnx), quantization="int8-dynamic", quantization_info=dict(int8.INFO))
-    proto = int8.quantize_dynamic_int8(path)
-    write_metadata(proto, meta)
-    save(proto, path)
+    int8.quantize_export(path)
     return path
