@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"post-processing {phase['postprocess_s']:.3f} s)",
                     flush=True,
                 )
+        # the serving check of a profiled batch size > 1 (the size in use at the end, the pairs' ratios)
+        check = httpx.get(server.base + "/v1/model", timeout=30).json()["batching"].get("check")
+        print(f"batch size check at the end: {check}", flush=True)
     finally:
         server.stop()
     first = args.levels[0]
@@ -149,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             "clients": "in-process threads" if nice is None else f"child process, nice +{nice}",
             "seconds": args.seconds,
             "batching": batching,
+            "check": check,
             "phases": phases,
             "summary": summary,
         }

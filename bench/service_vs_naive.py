@@ -262,12 +262,14 @@ def compare_to_naive(rows: list[dict[str, Any]]) -> None:
 
 def batching(proc: NaiveServer | Server, before: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """``m2f serve``'s batching: the largest batch its start-up profile chose, the profile (seconds per pass by
-    batch size) and, given the state ``before`` a measurement, the mean batch it ran since. None for naive."""
+    batch size), the serving check of that choice (``check``: the size in use, the pairs' ratios) and, given the
+    state ``before`` a measurement, the mean batch it ran since. None for naive."""
     if not isinstance(proc, Server):
         return None
     info = httpx.get(proc.base + "/v1/model", timeout=30).json()["batching"]
     total, count = proc.batch_sizes()
-    out = {"max_batch_size": info["max_batch_size"], "profile_s": info["profile_s"], "sum": total, "count": count}
+    out = {"max_batch_size": info["max_batch_size"], "profile_s": info["profile_s"], "check": info.get("check")}
+    out.update(sum=total, count=count)
     out["admission_error"] = admission_errors(proc.base)
     if before is not None:
         done = count - before["count"]

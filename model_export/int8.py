@@ -30,14 +30,14 @@ import functools
 import platform
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-if TYPE_CHECKING:
-    from model_export.metadata import ExportMetadata
+from model_export.graph import save
+from model_export.metadata import ExportMetadata, read_metadata, write_metadata
 
 WEIGHT_DTYPES = ("uint8", "int8")
 # What the metadata says of an int8 export (ExportMetadata.quantization_info).
@@ -86,9 +86,6 @@ def quantize_export(path: Path) -> tuple[Any, ExportMetadata]:
     """Quantize the float32 export at ``path`` in place (:func:`quantize_dynamic_int8`), its metadata carried
     over and marked int8 (``quantization="int8-dynamic"``, :data:`INFO`); returns what it saved: the
     ``onnx.ModelProto`` and that metadata."""
-    from model_export.graph import save  # lazy: the runner imports this module for what follows
-    from model_export.metadata import read_metadata, write_metadata
-
     meta = dataclasses.replace(read_metadata(path), quantization="int8-dynamic", quantization_info=dict(INFO))
     proto = quantize_dynamic_int8(path)
     write_metadata(proto, meta)
