@@ -371,9 +371,9 @@ class BatchCheck:
     batch-1 passes (swin-tiny on 2 cores: 1.64 and 1.90 s per image, where other starts measured 1.04-1.35)
     chose batch 2, and that server answered 8 clients at 0.42 images/s against 0.53 for one. So while serving,
     passes of the two sizes -- 1 and the profile's ``size`` -- are compared in **pairs**: a pass of one size
-    next to a pass of the other, which the machine ran at about the same speed. At most every ``every`` passes
-    of the size in use, the next batch has the other size (batch 1; or ``size`` when batching is off and that
-    many images wait in one bucket), unless load alone made such a pair. Time per image is divided by the
+    next to a pass of the other, which the machine ran at about the same speed. After ``every`` passes of the
+    size in use without a pair, the next batch has the other size (batch 1; or ``size`` when batching is off
+    and that many images wait in one bucket); load alone makes pairs too. Time per image is divided by the
     batch's padded pixels, so that images of other sizes compare. Batches of ``size`` stay in use while the
     median of the last ``pairs`` pairs (of at least 3) has them ``BATCH_GAIN`` times faster per image, the
     profile's own rule; until 3 pairs are in, the profile's choice stands.
@@ -395,7 +395,10 @@ class BatchCheck:
     def limit(self, waiting: int) -> int:
         """The batch size limit of the next batch, with ``waiting`` images in the fullest bucket."""
         other = 1 if self.in_use == self.size else self.size
-        if self._since >= self.every and waiting >= other:
+        # Right after a pass of the size in use, so that the two make a pair. Passes of the other size that load
+        # made do not count towards ``every``: a server whose batches of 2 did not form (requests spaced out)
+        # would otherwise force batch 1 on every later pass, batching off for good whatever the pairs said.
+        if self._since >= self.every and self._last is not None and self._last[0] == self.in_use and waiting >= other:
             return other
         return self.in_use
 
@@ -403,12 +406,11 @@ class BatchCheck:
         """A pass of ``images`` images took ``seconds_per_pixel`` seconds per pixel of its padded size."""
         if images not in (1, self.size):  # a part batch: compares with neither
             self._last = None
-            self._since += 1
             return
         this, last = (images, seconds_per_pixel / images), self._last
         self._last = this
         if last is None or last[0] == images:
-            self._since += 1
+            self._since += images == self.in_use
             return
         one, big = (this, last) if images == 1 else (last, this)
         self.ratios.append(big[1] / one[1])

@@ -350,6 +350,21 @@ def test_the_check_turns_batching_off_where_served_batches_are_slower_per_image_
     assert set(sizes) == {1}
 
 
+def test_the_check_does_not_keep_forcing_batch_1_after_passes_of_1_that_load_made():
+    """Requests spaced out (a demo model at 8 clients: 90 ms passes) made batches of 1 while batch 2 was in use;
+    those passes counted towards the next check, which then forced batch 1 on every pass for good: a server
+    whose pairs had batch 2 at 0.58 times batch 1's time per image served mean batch 1.00 at 8 clients."""
+    check = BatchCheck(2, every=3)
+    for _ in range(10):  # one image waits at a time: batches of 1 whatever the limit
+        check.observe(min(check.limit(1), 1), 1.0 / 1000)
+    sizes = []
+    for _ in range(8):  # then 8 wait
+        n = check.limit(8)
+        sizes.append(n)
+        check.observe(n, 0.6 * n / 1000)
+    assert sizes == [2, 2, 2, 2, 1, 2, 2, 2] and check.in_use == 2
+
+
 def test_the_check_compares_time_per_image_and_pixel_and_skips_part_batches():
     check = BatchCheck(2, every=1)
     check.observe(2, 2.0 / 4000)  # 2 images padded to 4000 pixels: 0.25 ms per image and pixel
