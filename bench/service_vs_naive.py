@@ -268,8 +268,13 @@ def batching(proc: NaiveServer | Server, before: dict[str, Any] | None = None) -
         return None
     info = httpx.get(proc.base + "/v1/model", timeout=30).json()["batching"]
     total, count = proc.batch_sizes()
-    out = {"max_batch_size": info["max_batch_size"], "profile_s": info["profile_s"], "check": info.get("check")}
-    out.update(sum=total, count=count)
+    out = {
+        "max_batch_size": info["max_batch_size"],
+        "profile_s": info["profile_s"],
+        "check": info.get("check"),
+        "sum": total,
+        "count": count,
+    }
     out["admission_error"] = admission_errors(proc.base)
     if before is not None:
         done = count - before["count"]

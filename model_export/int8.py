@@ -82,11 +82,12 @@ def quantize_dynamic_int8(path: Path) -> Any:
     return model
 
 
-def quantize_export(path: Path) -> tuple[Any, ExportMetadata]:
-    """Quantize the float32 export at ``path`` in place (:func:`quantize_dynamic_int8`), its metadata carried
-    over and marked int8 (``quantization="int8-dynamic"``, :data:`INFO`); returns what it saved: the
-    ``onnx.ModelProto`` and that metadata."""
-    meta = dataclasses.replace(read_metadata(path), quantization="int8-dynamic", quantization_info=dict(INFO))
+def quantize_export(path: Path, meta: ExportMetadata | None = None) -> tuple[Any, ExportMetadata]:
+    """Quantize the float32 export at ``path`` in place (:func:`quantize_dynamic_int8`), its metadata (``meta``,
+    else read from the file) carried over and marked int8 (``quantization="int8-dynamic"``, :data:`INFO`);
+    returns what it saved: the ``onnx.ModelProto`` and that metadata."""
+    meta = read_metadata(path) if meta is None else meta
+    meta = dataclasses.replace(meta, quantization="int8-dynamic", quantization_info=dict(INFO))
     proto = quantize_dynamic_int8(path)
     write_metadata(proto, meta)
     save(proto, path)

@@ -272,7 +272,7 @@ def export_onnx(
         save(proto, output)
     if quantize:
         with steps("quantize MatMul weights to int8 (per channel; activations at run time)"):
-            proto, meta = int8.quantize_export(output)
+            proto, meta = int8.quantize_export(output, meta)  # the metadata in hand: not read back from the file
 
     with steps("onnx.checker, dtype and op scan"):
         onnx.checker.check_model(str(output), full_check=True)

@@ -390,7 +390,7 @@ class BatchCheck:
         self.in_use = size  # the batch size now: ``size`` or 1
         self.ratios: collections.deque[float] = collections.deque(maxlen=max(pairs, 3))  # size's / 1's, per pixel
         self._last: tuple[int, float] | None = None  # the last pass: (batch size, seconds per image and pixel)
-        self._since = 0  # passes since the last pair
+        self._since = 0  # passes of the size in use since the last pair
 
     def limit(self, waiting: int) -> int:
         """The batch size limit of the next batch, with ``waiting`` images in the fullest bucket."""
