@@ -183,6 +183,10 @@ class ServiceState:
         self.draining = True
         self.metrics.ready.set(0)
 
+    def busy(self) -> int:
+        """Requests the server holds now: bodies being read plus requests admitted and not yet answered."""
+        return self.uploads + self.admitted
+
     def abandon_after(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
         """At ``seconds`` from now, answer every open request 503 ``draining`` (thread-safe)."""
         loop.call_soon_threadsafe(loop.call_later, seconds, self.abandoned.set)
