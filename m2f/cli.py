@@ -267,7 +267,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError  # lazy: pydantic (the serve extra)
 
-    from service.app import serve  # lazy: fastapi, uvicorn (the serve extra)
+    from service.server import serve  # lazy: fastapi, uvicorn (the serve extra)
     from service.settings import Settings  # lazy: pydantic-settings (the serve extra)
 
     names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")

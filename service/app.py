@@ -6,15 +6,14 @@ A segmentation request goes through the steps of :mod:`service.segment`: upload 
 admission by measured capacity (:mod:`service.state`), decoding, the batch, post-processing and encoding,
 all within one deadline. Errors are answered in the JSON format of :mod:`service.errors`.
 
-On SIGTERM (see :func:`serve`) the service stops admitting (503 ``draining``, ``/readyz`` 503) and finishes
-what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets a JSON 503 ``draining``.
+On SIGTERM (see :mod:`service.server`, which runs it with uvicorn) the service stops admitting (503 ``draining``,
+``/readyz`` 503) and finishes what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets
+a JSON 503 ``draining``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
-import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from runtimes import Runner
 from service.docs import add_offline_docs
 from service.errors import add_error_handlers
-from service.logs import RequestIdMiddleware, configure_logging
+from service.logs import RequestIdMiddleware
 from service.openapi import METRICS_RESPONSES, MODEL_RESPONSES, READINESS_RESPONSES, SEGMENT_BODY, SEGMENT_RESPONSES
 from service.schemas import Health, ModelInfo, Readiness, SegmentResponse
 from service.segment import SegmentQuery, answer_unless_abandoned
@@ -65,7 +64,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     app.add_middleware(RequestIdMiddleware)  # X-Request-ID on every answer, the id on log lines, the access log
     add_offline_docs(app)
     add_error_handlers(app, state.metrics)
-    app.state.on_load_error = lambda: None  # `serve` makes this stop the server
+    app.state.on_load_error = lambda: None  # `service.server.serve` makes this stop the server
 
     @app.get("/healthz", summary="Liveness: the process answers", response_model=Health)
     async def healthz() -> dict[str, str]:
@@ -103,59 +102,3 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         return await answer_unless_abandoned(request, state, query)
 
     return app
-
-
-DRAIN_GRACE_S = 3  # seconds uvicorn waits past drain_timeout_s for the 503s to be written
-
-
-def serve(settings: Settings) -> int:
-    """Run the service with uvicorn until SIGTERM/SIGINT, draining on the way out (uvicorn then re-raises
-    the signal, so the process ends as terminated by it). Returns 1 when the model failed to load; raises
-    OSError (one line) at once when the address cannot be bound."""
-    import uvicorn  # lazy: uvicorn (the serve extra; create_app runs without it, as in tests)
-
-    configure_logging(settings.log_level, settings.log_format)  # text or JSON lines, each with its request id
-    app = create_app(settings)
-    state: ServiceState = app.state.service
-
-    class DrainingServer(uvicorn.Server):
-        loop: asyncio.AbstractEventLoop | None = None
-
-        async def serve(self, sockets: Any = None) -> None:
-            self.loop = asyncio.get_running_loop()
-            await super().serve(sockets)
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            state.begin_drain()  # before uvicorn stops listening: /readyz and new requests see it
-            if self.loop is not None and not self.should_exit:
-                state.abandon_after(self.loop, settings.drain_timeout_s)
-            super().handle_exit(sig, frame)
-
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        log_config=None,  # uvicorn's loggers go through ours (configure_logging): one format, request ids
-        access_log=False,  # ours is service.logs.RequestIdMiddleware's, with the request's timings
-        # Later than our own drain timeout, which answers what is still open in JSON first.
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S,
-    )
-    listener = listen_socket(settings.host, settings.port)  # a port in use fails here, before the model loads
-    server = DrainingServer(config)
-    app.state.on_load_error = lambda: setattr(server, "should_exit", True)
-    server.run(sockets=[listener])
-    return 1 if state.load_error is not None else 0
-
-
-def listen_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host``:``port`` (uvicorn listens on it); OSError in one line when it cannot be."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock

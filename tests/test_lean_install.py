@@ -134,7 +134,7 @@ def test_the_blocker_blocks(tmp_path):
 
 def test_cli_service_and_settings_import_without_torch(tmp_path):
     code = (
-        "import m2f.cli, service.app, service.client, runtimes.onnx_runner, runtimes.ort_session\n"
+        "import m2f.cli, service.app, service.server, service.client, runtimes.onnx_runner, runtimes.ort_session\n"
         "from service.settings import Settings\n"
         "s = Settings()\n"
         "print(s.runtime, s.model)\n"
