@@ -1,12 +1,12 @@
 """Image loading and preprocessing (decode -> RGB -> resize -> normalize -> pad), in numpy and PIL only.
 
-No torch here: the ONNX Runtime serving path runs without it. The resize rule and the normalization are
-those of the public checkpoints (detectron2 ``ResizeShortestEdge`` + ImageNet mean/std in the 0..255
-scale); the output size of the resize is computed exactly as HF's ``Mask2FormerImageProcessor`` does.
-One thing we do differently from HF on purpose: HF stretches every image up to a multiple of
-``size_divisor`` when it resizes; we keep the aspect-ratio-preserving size and pad the remainder with
-zeros (as detectron2 does), and report the size of the image inside the padded tensor so that
-post-processing can crop the padding away.
+No torch here: the ONNX Runtime serving path runs without it. Every step is the official Mask2Former test-time
+input path (detectron2's ``DefaultPredictor``): EXIF orientation, RGB, ``ResizeShortestEdge`` (its output size
+arithmetic, PIL bilinear), ImageNet mean/std in the 0..255 scale in float32, zero padding (bottom/right) to a
+multiple of the size divisor. The resized size is reported so that post-processing can crop the padding away.
+HF's ``Mask2FormerImageProcessor`` differs twice: it truncates the long side where detectron2 rounds (one
+pixel apart for many image sizes), and it stretches every image to a multiple of ``size_divisor``
+where detectron2 (and we) pad.
 """
 
 from __future__ import annotations
@@ -169,29 +169,25 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
 
 # ---------------------------------------------------------------------------------------------- resize
 def resize_shape(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
-    """Output (height, width) of the shortest-edge resize.
+    """Output (height, width) of the shortest-edge resize, with detectron2's ``ResizeShortestEdge`` arithmetic.
 
-    The shorter side becomes ``shortest_edge`` unless the longer side would then exceed ``longest_edge``
-    (0: no limit); in that case the longer side becomes (about) ``longest_edge``. Either side is at least
-    1. The arithmetic (float
-    products, Python's round-half-even for the short side, truncation for the long side) is the one of
-    HF's ``Mask2FormerImageProcessor`` so that both give the same integer sizes.
+    The short side is set to ``shortest_edge`` and the long side scaled with it, both kept as floats; when the
+    long side then exceeds ``longest_edge`` (0: no limit), both are scaled again by ``longest_edge`` / long
+    side. Only then is each side rounded, half up (``int(x + 0.5)``), so that the sizes are those of the
+    official code to the bit (same float operations in the same order). Either side is at least 1.
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    short, long = (height, width) if height <= width else (width, height)
-    target = shortest_edge
-    capped = None  # the short side, unrounded, when the long side hits the limit
-    if longest_edge and long / short * target > longest_edge:
-        capped = longest_edge * short / long
-        target = int(round(capped))
-    if short == target:
-        return height, width
-    scale_from = capped if capped is not None else target
-    new_long = int(scale_from * long / short)
-    # Extreme aspect ratios can round the short side to 0 (where HF would fail): keep at least 1 pixel.
-    target, new_long = max(target, 1), max(new_long, 1)
-    return (target, new_long) if height <= width else (new_long, target)
+    scale = shortest_edge * 1.0 / min(height, width)
+    if height < width:
+        new_h, new_w = shortest_edge * 1.0, scale * width
+    else:  # a square image goes this way too, as in detectron2
+        new_h, new_w = scale * height, shortest_edge * 1.0
+    if longest_edge and max(new_h, new_w) > longest_edge:
+        cap = longest_edge * 1.0 / max(new_h, new_w)
+        new_h, new_w = new_h * cap, new_w * cap
+    # Extreme aspect ratios can round a side to 0 (detectron2 would then fail): keep at least 1 pixel.
+    return max(int(new_h + 0.5), 1), max(int(new_w + 0.5), 1)
 
 
 # ---------------------------------------------------------------------------------------------- batch
@@ -238,10 +234,11 @@ def preprocess(
         if too_big:
             raise ValueError(f"pad_to {pad_to} is smaller than resized image(s) {too_big}")
 
-    # One look-up table per channel: (v - mean) / std for every uint8 value v, computed in float64.
-    mean = np.asarray(cfg.mean, dtype=np.float64)[:, None]
-    std = np.asarray(cfg.std, dtype=np.float64)[:, None]
-    lut = ((np.arange(256, dtype=np.float64)[None, :] - mean) / std).astype(np.float32)  # (3, 256)
+    # One look-up table per channel: (v - mean) / std for every uint8 value v, in float32 as detectron2 computes
+    # it (a float32 subtraction, then a float32 division, each rounded), so the network gets the official bits.
+    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None]
+    std = np.asarray(cfg.std, dtype=np.float32)[:, None]
+    lut = (np.arange(256, dtype=np.float32)[None, :] - mean) / std  # (3, 256) float32
 
     pixel_values = np.zeros((len(resized), 3, pad_h, pad_w), dtype=np.float32)
     for i, arr in enumerate(resized):
