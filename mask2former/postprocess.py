@@ -3,9 +3,10 @@
 detectron2 semantics with HF parameter names. Mask logits (stride 4) are upsampled bilinearly
 (align_corners=False) straight to the padded input size, the padding is cropped to the resized image,
 and the result is resized bilinearly to the original image size; every decision (argmax, thresholds,
-areas, scores) is made at the original size. HF instead resizes every mask to a fixed 384x384 first,
-never crops the padding, and decides some things at 384x384: see ``tests/test_postprocess.py`` for the
-differences kept on purpose.
+areas, scores) is made at the original size, except in the official semantic-only order
+(``semantic_segmentation(..., at_input_size=True)``: class scores combined at the input size, then resized).
+HF instead resizes every mask to a fixed 384x384 first, never crops the padding, and decides some things at
+384x384: see ``tests/test_postprocess.py`` for the differences kept on purpose.
 
 Images of a batch are handled one at a time (their sizes differ); within an image everything is
 tensor-wide, with Python loops only over the few kept segments when assembling the result.
@@ -13,7 +14,7 @@ tensor-wide, with Python loops only over the few kept segments when assembling t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ def semantic_segmentation(
     mask_logits: torch.Tensor,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
+    at_input_size: bool = False,
 ) -> list[torch.Tensor]:
     """Per-pixel class: argmax over ``einsum("qc,qhw->chw", softmax(class)[..., :-1], sigmoid(masks))``.
 
@@ -71,6 +73,10 @@ def semantic_segmentation(
         mask_logits: (B, Q, h, w) at 1/4 of the padded input.
         resized_sizes: (h, w) of each image inside the padded input.
         original_sizes: (H, W) of each original image.
+        at_input_size: False: combine the mask logits resized to the original size (the official code with
+            panoptic or instance inference on). True: combine at the input size (x4, padding cropped), then
+            resize the (K, h, w) scores to the original size (the official semantic-only configs; this
+            holds all K planes at the input size).
 
     Returns:
         One (H, W) int64 class-id map per image.
@@ -80,6 +86,14 @@ def semantic_segmentation(
     out = []
     for i in range(class_logits.shape[0]):
         cls = class_logits[i].softmax(-1)[:, :-1].T.contiguous()  # (K, Q)
+        if at_input_size:
+            rh, rw = int(resized_sizes[i][0]), int(resized_sizes[i][1])
+            probs = masks_to_image(mask_logits[i], resized_sizes[i], (rh, rw)).sigmoid_()  # (Q, h, w)
+            scores = (cls @ probs.flatten(1)).reshape(-1, rh, rw)  # (K, h, w)
+            oh, ow = int(original_sizes[i][0]), int(original_sizes[i][1])
+            scores = F.interpolate(scores[None], size=(oh, ow), mode="bilinear", align_corners=False)[0]
+            out.append(scores.argmax(0))  # (H, W)
+            continue
         probs = masks_to_image(mask_logits[i], resized_sizes[i], original_sizes[i]).sigmoid_()  # (Q, H, W)
         q, h, w = probs.shape
         flat = probs.reshape(q, h * w)  # (Q, H*W)
@@ -98,15 +112,18 @@ def instance_segmentation(
     mask_logits: torch.Tensor,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
-    threshold: float = 0.0,
+    threshold: float | None = None,
     max_instances: int = 100,
+    thing_ids: Collection[int] | None = None,
 ) -> list[InstanceResult]:
-    """Instances: the top ``max_instances`` (query, class) pairs, scored and thresholded.
+    """Instances: the top ``max_instances`` (query, class) pairs, scored.
 
-    A pair's mask is its query's logit > 0 at the original size; its score is the class probability
-    (softmax without "no object") times the mean sigmoid inside the mask (0 for an empty mask). Pairs
-    with score > ``threshold`` are kept, sorted by score, descending. One query can give several
-    instances (with different classes and the same mask), as in detectron2.
+    The pairs are the top ``max_instances`` by class probability (softmax without "no object"); with
+    ``thing_ids``, pairs of other classes are then dropped (the official code with panoptic inference on).
+    A pair's mask is its query's logit > 0 at the original size; its score is the class probability times
+    the mean sigmoid inside the mask (0 for an empty mask). ``threshold`` None keeps every pair (official);
+    a number keeps pairs with score > ``threshold``. Sorted by score, descending. One query can give
+    several instances (with different classes and the same mask), as in detectron2.
 
     Returns:
         One :class:`InstanceResult` per image: masks (N, H, W) bool, labels (N,) int64, scores (N,) float32.
@@ -115,21 +132,25 @@ def instance_segmentation(
     check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
     k = max(0, min(int(max_instances), num_queries * num_classes))
+    things = None if thing_ids is None else torch.tensor(sorted(int(t) for t in thing_ids), dtype=torch.int64)
     out = []
     for i in range(class_logits.shape[0]):
         probs = class_logits[i].softmax(-1)[:, :-1]  # (Q, K)
         class_scores, flat_idx = probs.flatten().topk(k)  # (k,), sorted
+        if things is not None:
+            is_thing = torch.isin(flat_idx % num_classes, things.to(flat_idx.device))  # (k,)
+            class_scores, flat_idx = class_scores[is_thing], flat_idx[is_thing]  # after the top-k, as official
         queries = flat_idx // num_classes
         labels = flat_idx % num_classes
         # The mask score depends on the query only: upsample each selected query once.
-        uniq, inverse = torch.unique(queries, return_inverse=True)  # (U,), (k,)
+        uniq, inverse = torch.unique(queries, return_inverse=True)  # (U,), (k',)
         logits = masks_to_image(mask_logits[i, uniq], resized_sizes[i], original_sizes[i])  # (U, H, W)
         fg = logits > 0  # (U, H, W)
         fg_area = fg.flatten(1).sum(1)  # (U,)
         inside = (logits.sigmoid() * fg).flatten(1).sum(1)  # (U,)
         mask_scores = inside / (fg_area + 1e-6)  # (U,)
-        scores = class_scores * mask_scores[inverse]  # (k,)
-        keep = (scores > threshold).nonzero().flatten()
+        scores = class_scores * mask_scores[inverse]  # (k',)
+        keep = torch.arange(len(scores)) if threshold is None else (scores > threshold).nonzero().flatten()
         order = scores[keep].argsort(descending=True, stable=True)
         keep = keep[order]
         masks = fg[inverse[keep]]  # (N, H, W)

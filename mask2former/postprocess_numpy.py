@@ -17,7 +17,7 @@ logits, never (queries, H, W). Instance masks come out as COCO RLE built strip b
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -95,6 +95,15 @@ def _resize_matrix(padded_in: int, resized: int, original: int) -> np.ndarray:
     return out.astype(np.float32).reshape(len(rows), n)
 
 
+def _plain_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The (out_size, in_size) float32 matrix of one bilinear (align_corners=False) resize along one axis."""
+    i0, i1, w0, w1 = _linear_taps(in_size, out_size)
+    rows = np.arange(out_size)
+    flat = np.concatenate([rows * in_size + i0, rows * in_size + i1])  # repeated where the taps coincide: summed
+    out = np.bincount(flat, np.concatenate([w0, w1]).astype(np.float64), minlength=out_size * in_size)
+    return out.astype(np.float32).reshape(out_size, in_size)
+
+
 def _bands(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows,) first and (rows,) one-past-last column with a non-zero weight, per row of a resize matrix."""
     nz = a != 0
@@ -112,6 +121,24 @@ def _axis(padded_in: int, resized: int, original: int) -> tuple[np.ndarray, np.n
     for a in out:
         a.flags.writeable = False
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_axis(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_plain_matrix` and its bands (read-only), cached as :func:`_axis`."""
+    matrix = _plain_matrix(in_size, out_size)
+    out = (matrix, *_bands(matrix))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+def _banded_rows(a: np.ndarray, first: np.ndarray, last: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """``out`` (N, R, S) = ``a`` (R, r) @ ``x`` (N, r, S), reading only each block of rows' band of ``x``."""
+    for r0 in range(0, a.shape[0], _ROW_BLOCK):
+        r1 = min(r0 + _ROW_BLOCK, a.shape[0])
+        a0, a1 = int(first[r0:r1].min()), int(last[r0:r1].max())
+        np.matmul(a[r0:r1, a0:a1], x[:, a0:a1], out=out[:, r0:r1])
 
 
 class Resize:
@@ -260,6 +287,7 @@ def semantic_segmentation(
     mask_logits: np.ndarray,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
+    at_input_size: bool = False,
 ) -> list[np.ndarray]:
     """Per-pixel class: argmax over ``einsum("qc,qhw->chw", softmax(class)[..., :-1], sigmoid(masks))``.
 
@@ -268,6 +296,11 @@ def semantic_segmentation(
         mask_logits: (B, Q, h, w) at 1/4 of the padded input.
         resized_sizes: (h, w) of each image inside the padded input.
         original_sizes: (H, W) of each original image.
+        at_input_size: where the class scores are combined. False: from the mask logits resized to the
+            original size (the official code when panoptic or instance inference is on, i.e.
+            ``SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE`` forced true). True: at the input size (x4, padding
+            cropped), the (K, h, w) scores then resized to the original size (the official semantic-only
+            configs). Both agree where the image is not resized.
 
     Returns:
         One (H, W) int64 class-id map per image.
@@ -277,19 +310,65 @@ def semantic_segmentation(
     out = []
     for i in range(class_logits.shape[0]):
         cls = _softmax(class_logits[i])[:, :-1]  # (Q, K)
+        if at_input_size:
+            out.append(_semantic_at_input_size(cls, mask_logits[i], resized_sizes[i], original_sizes[i]))
+            continue
         oh, ow = int(original_sizes[i][0]), int(original_sizes[i][1])
         labels = np.empty((oh, ow), dtype=np.int64)  # (H, W)
         for c0, c1, probs in logit_strips(mask_logits[i], resized_sizes[i], original_sizes[i]):
             _sigmoid_(probs)  # (Q, H, S)
-            q, h, s = probs.shape
-            flat = probs.reshape(q, h * s)  # (Q, H*S)
-            strip = np.empty(h * s, dtype=np.int64)
-            for start in range(0, h * s, _SEMANTIC_CHUNK):  # bounds the (pixels, K) product
-                stop = min(start + _SEMANTIC_CHUNK, h * s)
-                strip[start:stop] = (flat[:, start:stop].T @ cls).argmax(1)  # (n, K) -> (n,), first on ties
-            labels[:, c0:c1] = strip.reshape(h, s)
+            labels[:, c0:c1] = _argmax_classes(cls, probs)
         out.append(labels)
     return out
+
+
+def _argmax_classes(cls: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """(Q, K) class probabilities and (Q, H, S) mask probabilities -> (H, S) int64 best class (first on ties)."""
+    q, h, s = probs.shape
+    flat = probs.reshape(q, h * s)  # (Q, H*S)
+    labels = np.empty(h * s, dtype=np.int64)
+    for start in range(0, h * s, _SEMANTIC_CHUNK):  # bounds the (pixels, K) product
+        stop = min(start + _SEMANTIC_CHUNK, h * s)
+        labels[start:stop] = (flat[:, start:stop].T @ cls).argmax(1)  # (n, K) -> (n,)
+    return labels.reshape(h, s)
+
+
+def _semantic_at_input_size(cls: np.ndarray, mask_logits: np.ndarray, resized_size: Size, original_size: Size):
+    """One image's semantic map with the class scores combined at the input size, then resized.
+
+    The official form holds (K, h, w) scores at the input size; here they are made and resized one column
+    strip of the output at a time: the strip's band of input columns is upsampled (x4, cropped) from the
+    logits, combined into class scores, resized to the original size (rows in bands) and reduced to its argmax.
+    Peak memory: the (H, W) map plus four (Q or K, rows, columns) arrays of about ``STRIP_BYTES`` each.
+    """
+    x = np.asarray(mask_logits)  # (Q, h', w') at stride 4
+    (rh, rw), (oh, ow) = check_sizes(x.shape[-2:], resized_size, original_size)
+    if not np.isfinite(x).all():
+        x = np.clip(np.nan_to_num(x, nan=0.0), -_LOGIT_CLIP, _LOGIT_CLIP)
+    up_h, up_h_first, up_h_last = _axis(x.shape[1], rh, rh)  # (h, hc): x4 and crop, rows
+    up_w, up_w_first, up_w_last = _axis(x.shape[2], rw, rw)  # (w, wc): x4 and crop, columns
+    down_h, down_h_first, down_h_last = _plain_axis(rh, oh)  # (H, h)
+    down_w, down_w_first, down_w_last = _plain_axis(rw, ow)  # (W, w)
+    x = x[:, : up_h.shape[1], : up_w.shape[1]]  # (Q, hc, wc): the logits the crop reads
+    q, k = cls.shape
+    # Output columns per strip: its input band is about S * w / W + 2 columns of (max(Q, K), max(h, H)) planes.
+    per_column = 4 * max(q, k) * max(rh, oh) * max(1.0, rw / ow)
+    step = int(max(1, min(ow, (STRIP_BYTES // max(per_column, 1)) - 2)))
+    labels = np.empty((oh, ow), dtype=np.int64)  # (H, W)
+    for c0 in range(0, ow, step):
+        c1 = min(c0 + step, ow)
+        lo, hi = int(down_w_first[c0:c1].min()), int(down_w_last[c0:c1].max())  # input columns of the strip
+        a0, a1 = int(up_w_first[lo:hi].min()), int(up_w_last[lo:hi].max())  # logit columns of those
+        t = np.matmul(x[:, :, a0:a1], up_w[lo:hi, a0:a1].T)  # (Q, hc, b)
+        probs = np.empty((q, rh, hi - lo), dtype=np.float32)  # (Q, h, b)
+        _banded_rows(up_h, up_h_first, up_h_last, t, probs)
+        _sigmoid_(probs)
+        scores = (cls.T @ probs.reshape(q, -1)).reshape(k, rh, hi - lo)  # (K, h, b)
+        cols = np.matmul(scores, down_w[c0:c1, lo:hi].T)  # (K, h, S)
+        resized = np.empty((k, oh, c1 - c0), dtype=np.float32)  # (K, H, S)
+        _banded_rows(down_h, down_h_first, down_h_last, cols, resized)
+        labels[:, c0:c1] = resized.argmax(0)  # first class on ties
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------- instance
@@ -312,17 +391,21 @@ def instance_rles(
     mask_logits: np.ndarray,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
-    threshold: float = 0.0,
+    threshold: float | None = None,
     max_instances: int = 100,
+    thing_ids: Collection[int] | None = None,
 ) -> list[InstanceRLEs]:
-    """Instances: the top ``max_instances`` (query, class) pairs, scored and thresholded; masks as COCO RLE.
+    """Instances: the top ``max_instances`` (query, class) pairs, scored; masks as COCO RLE.
 
-    A pair's mask is its query's logit > 0 at the original size; its score is the class probability
-    (softmax without "no object") times the mean sigmoid inside the mask (0 for an empty mask). Pairs
-    with score > ``threshold`` are kept, sorted by score, descending. One query can give several
-    instances (with different classes and the same mask), as in detectron2. Equal class probabilities
-    (top-k) and equal scores (the final order) keep the lower query*K + class index first (stable sorts;
-    torch's topk leaves the order of ties unspecified).
+    The pairs are the top ``max_instances`` by class probability (softmax without "no object"); with
+    ``thing_ids``, pairs of other classes are then dropped (the official code does this, after its top-k,
+    when panoptic inference is on: instances are things). A pair's mask is its query's logit > 0 at the
+    original size; its score is the class probability times the mean sigmoid inside the mask (0 for an
+    empty mask). ``threshold`` None keeps every pair, as the official code does; a number keeps pairs with
+    score > ``threshold``. Results are sorted by score, descending. One query can give several instances
+    (with different classes and the same mask), as in detectron2. Equal class probabilities (top-k) and
+    equal scores (the final order) keep the lower query*K + class index first (stable sorts; the official
+    top-k leaves the order of ties unspecified).
 
     Only the queries of pairs that can pass are resized (the mean sigmoid is at most 1, so a pair whose
     class probability is <= ``threshold`` cannot), one column strip at a time, and their masks are
@@ -332,11 +415,15 @@ def instance_rles(
     check_batch(class_logits, mask_logits, resized_sizes, original_sizes)
     num_queries, num_classes = class_logits.shape[1], class_logits.shape[2] - 1
     k = max(0, min(int(max_instances), num_queries * num_classes))
+    things = None if thing_ids is None else np.fromiter((int(t) for t in thing_ids), dtype=np.int64)
     out = []
     for i in range(class_logits.shape[0]):
         class_probs = _softmax(class_logits[i])[:, :-1].reshape(-1)  # (Q*K,)
         flat_idx = np.argsort(-class_probs, kind="stable")[:k]  # (k,), by class probability, descending
-        flat_idx = flat_idx[class_probs[flat_idx] > threshold]  # (k',) the pairs that can pass
+        if things is not None:
+            flat_idx = flat_idx[np.isin(flat_idx % num_classes, things)]  # (k',) after the top-k, as official
+        if threshold is not None:
+            flat_idx = flat_idx[class_probs[flat_idx] > threshold]  # (k',) the pairs that can pass
         class_scores = class_probs[flat_idx]
         queries = flat_idx // num_classes
         labels = flat_idx % num_classes
@@ -359,7 +446,7 @@ def instance_rles(
         rles = runs.rles()  # (U,)
         mask_scores = inside.astype(np.float32) / (fg_area.astype(np.float32) + np.float32(1e-6))  # (U,)
         scores = class_scores * mask_scores[inverse]  # (k',) float32
-        keep = np.flatnonzero(scores > threshold)
+        keep = np.arange(len(scores)) if threshold is None else np.flatnonzero(scores > threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         out.append(
             InstanceRLEs(
@@ -377,12 +464,15 @@ def instance_segmentation(
     mask_logits: np.ndarray,
     resized_sizes: Sequence[Size],
     original_sizes: Sequence[Size],
-    threshold: float = 0.0,
+    threshold: float | None = None,
     max_instances: int = 100,
+    thing_ids: Collection[int] | None = None,
 ) -> list[InstanceResult]:
     """:func:`instance_rles` with the masks decoded: one :class:`InstanceResult` per image, masks (N, H, W)
     bool, labels (N,) int64, scores (N,) float32."""
-    results = instance_rles(class_logits, mask_logits, resized_sizes, original_sizes, threshold, max_instances)
+    results = instance_rles(
+        class_logits, mask_logits, resized_sizes, original_sizes, threshold, max_instances, thing_ids
+    )
     return [InstanceResult(r.masks, r.labels, r.scores) for r in results]
 
 

@@ -392,13 +392,53 @@ def test_instance_scores_labels_and_order():
 def test_instance_empty_cases():
     ml = square_logits(2)  # both masks empty: every score is 0
     cl = class_logits_for([0, 1], num_classes=2)
-    for kw in [{}, {"threshold": 0.99}, {"max_instances": 0}]:
+    (res,) = instance_segmentation(cl, ml, [(30, 20)], [(45, 30)])  # no threshold: kept at score 0 (official)
+    assert res.masks.shape == (4, 45, 30) and not res.masks.any() and not res.scores.any()
+    for kw in [{"threshold": 0.0}, {"threshold": 0.99}, {"max_instances": 0}]:
         (res,) = instance_segmentation(cl, ml, [(30, 20)], [(45, 30)], **kw)
         assert res.masks.shape == (0, 45, 30) and res.masks.dtype == torch.bool
         assert res.labels.shape == (0,) and res.scores.shape == (0,)
     ml[0, 0] = POS
     (res,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], max_instances=1000)  # capped at Q*K
+    assert len(res.scores) == 4 and res.scores[:2].all() and not res.scores[2:].any()
+    (res,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], threshold=0.0)
     assert len(res.scores) == 2  # query 0 with its two classes; query 1 has an empty mask
+
+
+def test_instance_thing_filter_comes_after_the_top_k():
+    # Query 0 is stuff (label 1) and most confident, query 1 a thing (label 0). With thing_ids the stuff pairs
+    # are dropped after the top-k, as the official panoptic models do: the top 2 pairs hold one thing pair,
+    # and the cut is not refilled from further down.
+    ml = square_logits(2)
+    ml[0, 0, :4] = POS
+    ml[0, 1, 4:] = POS
+    cl = torch.tensor([[[0.0, 9.0, -9.0], [6.0, 0.0, -9.0]]])  # (1, 2 queries, 2 classes + no object)
+    (everything,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], max_instances=2)
+    assert sorted(everything.labels.tolist()) == [0, 1]
+    (things,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], max_instances=2, thing_ids={0})
+    assert things.labels.tolist() == [0] and torch.equal(things.masks[0], everything.masks[everything.labels == 0][0])
+    (things,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], thing_ids={0})
+    assert things.labels.tolist() == [0, 0]  # queries 1 and 0, both as class 0
+    (none,) = instance_segmentation(cl, ml, [(32, 32)], [(32, 32)], thing_ids=set())
+    assert len(none.scores) == 0
+
+
+def test_semantic_at_input_size_is_the_official_order():
+    # at_input_size: class scores combined at the input size, then resized (the official semantic-only
+    # configs), written here from that definition. It equals the default order where the image is not
+    # resized, and differs from it somewhere when the image is (the two are not the same function).
+    cl, ml = random_logits(8, batch=1, queries=6, classes=5, size=24)  # padded input 96x96
+    resized, original = (90, 72), (47, 131)
+    (ours,) = semantic_segmentation(cl, ml, [resized], [original], at_input_size=True)
+    padded = F.interpolate(ml, size=(96, 96), mode="bilinear", align_corners=False)[0, :, :90, :72].sigmoid()
+    scores = torch.einsum("qc,qhw->chw", cl[0].softmax(-1)[:, :-1], padded)  # (K, 90, 72)
+    official = F.interpolate(scores[None], size=original, mode="bilinear", align_corners=False)[0].argmax(0)
+    assert torch.equal(ours, official)
+    (default,) = semantic_segmentation(cl, ml, [resized], [original])
+    assert not torch.equal(default, official)
+    (same_a,) = semantic_segmentation(cl, ml, [resized], [resized], at_input_size=True)
+    (same_b,) = semantic_segmentation(cl, ml, [resized], [resized])
+    assert torch.equal(same_a, same_b)
 
 
 def test_batch_with_different_sizes_and_input_types():

@@ -141,17 +141,25 @@ def near(values: torch.Tensor | np.ndarray, threshold: float) -> np.ndarray:
     return np.abs(np.asarray(values, dtype=np.float64) - threshold) < DECISION_TOL
 
 
-def compare_semantic(cl, ml, resized, original, counter: Counter[str] = MISMATCHES) -> None:
-    ours = nq.semantic_segmentation(cl.numpy(), ml.numpy(), resized, original)
-    ref = tp.semantic_segmentation(cl, ml, resized, original)
+def torch_semantic_scores(cl_i, ml_i, resized, original, at_input_size: bool) -> np.ndarray:
+    """The oracle's (K, H, W) class scores of one image, in the order ``at_input_size`` says."""
+    cls = cl_i.softmax(-1)[:, :-1]  # (Q, K)
+    if not at_input_size:
+        return torch.einsum("qk,qhw->khw", cls, torch_probs(ml_i, resized, original)).numpy()
+    scores = torch.einsum("qk,qhw->khw", cls, torch_probs(ml_i, resized, resized))  # (K, h, w)
+    return F.interpolate(scores[None], size=tuple(original), mode="bilinear", align_corners=False)[0].numpy()
+
+
+def compare_semantic(cl, ml, resized, original, counter: Counter[str] = MISMATCHES, at_input_size=False) -> None:
+    ours = nq.semantic_segmentation(cl.numpy(), ml.numpy(), resized, original, at_input_size=at_input_size)
+    ref = tp.semantic_segmentation(cl, ml, resized, original, at_input_size=at_input_size)
     assert len(ours) == len(ref)
     for i, (o, r) in enumerate(zip(ours, ref)):
         assert o.dtype == np.int64 and o.shape == tuple(r.shape) == tuple(original[i])
         diff = np.argwhere(o != r.numpy())  # (n, 2)
         if len(diff):
             # Attributable: torch's score of our class is within DECISION_TOL of its best.
-            cls = cl[i].softmax(-1)[:, :-1]  # (Q, K)
-            scores = torch.einsum("qk,qhw->khw", cls, torch_probs(ml[i], resized[i], original[i])).numpy()
+            scores = torch_semantic_scores(cl[i], ml[i], resized[i], original[i], at_input_size)
             ys, xs = diff[:, 0], diff[:, 1]
             gap = scores[r.numpy()[ys, xs], ys, xs] - scores[o[ys, xs], ys, xs]
             assert np.all(gap < DECISION_TOL), gap.max()
@@ -165,13 +173,18 @@ def query_of(mask: np.ndarray, fg: np.ndarray) -> int:
 
 
 def compare_instance(cl, ml, resized, original, counter: Counter[str] = MISMATCHES, **kw) -> None:
-    threshold = kw.get("threshold", 0.0)
+    threshold = kw.get("threshold")
     ours = nq.instance_segmentation(cl.numpy(), ml.numpy(), resized, original, **kw)
     ref = tp.instance_segmentation(cl, ml, resized, original, **kw)
     for i, (o, r) in enumerate(zip(ours, ref)):
         assert o.masks.dtype == bool and o.labels.dtype == np.int64 and o.scores.dtype == np.float32
         assert o.masks.shape[1:] == tuple(original[i])
         assert np.all(np.diff(o.scores) <= 0)
+        if "thing_ids" in kw:
+            assert set(o.labels.tolist()) <= set(kw["thing_ids"])
+        if threshold is None:  # no score threshold: the same pairs, scores of 0 (empty masks) included
+            assert len(o.scores) == len(r.scores)
+            threshold = 0.0  # below: results scored near 0 are compared as for a threshold of 0
         # Results scored within DECISION_TOL of the threshold may be in one list only.
         o_keep, r_keep = ~near(o.scores, threshold), ~near(r.scores, threshold)
         if o_keep.sum() != r_keep.sum():
@@ -248,12 +261,22 @@ def strips(request, monkeypatch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_semantic_matches_torch(case, strips):
-    compare_semantic(*unpack(case))
+@pytest.mark.parametrize("at_input_size", [False, True], ids=["masks-resized", "scores-resized"])
+def test_semantic_matches_torch(case, at_input_size, strips):
+    compare_semantic(*unpack(case), at_input_size=at_input_size)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("kw", [{}, {"threshold": 0.2, "max_instances": 7}, {"max_instances": 1000}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"threshold": 0.0},
+        {"threshold": 0.2, "max_instances": 7},
+        {"max_instances": 1000},
+        {"thing_ids": {0, 2}, "max_instances": 30},
+    ],
+)
 def test_instance_matches_torch(case, kw, strips):
     compare_instance(*unpack(case), **kw)
 
