@@ -14,7 +14,8 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-# Post-processing defaults a checkpoint may carry in its config.json (our keys; HF configs have none).
+# Post-processing defaults a checkpoint may carry in its config.json (our keys; HF configs have none), besides
+# ``instance_threshold`` (a number or null).
 POSTPROCESS_KEYS = ("threshold", "mask_threshold", "overlap_mask_area_threshold")
 
 
@@ -125,11 +126,16 @@ class Mask2FormerConfig:
     id2label: dict[int, str] = field(default_factory=dict)
     thing_ids: frozenset[int] = frozenset()
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    # Post-processing defaults (HF parameter names).
+    # Post-processing defaults (HF parameter names). ``threshold`` is panoptic's (the official
+    # OBJECT_MASK_THRESHOLD); instances have their own, None: no score threshold, as the official code.
     threshold: float = 0.8
     mask_threshold: float = 0.5
     overlap_mask_area_threshold: float = 0.8
+    instance_threshold: float | None = None
     name: str = "mask2former"
+    # Where the labels, things and test-time resize came from when they were chosen for a checkpoint that
+    # carries none (a detectron2 file): the label set and why, one line; None when given or carried.
+    label_source: str | None = None
 
     def __post_init__(self) -> None:
         if not self.id2label:
@@ -144,6 +150,47 @@ class Mask2FormerConfig:
     @property
     def labels(self) -> list[str]:
         return [self.id2label[i] for i in range(self.num_labels)]
+
+    # ------------------------------------------------------------------ task defaults
+    @property
+    def instance_thing_ids(self) -> frozenset[int] | None:
+        """The classes instance results keep: the things for a model with thing and stuff classes, else None (all).
+
+        The official code keeps only thing classes after its instance top-k when panoptic inference is on,
+        which its configs turn on for the models that have both.
+        """
+        things = self.thing_ids & frozenset(range(self.num_labels))
+        return things if things and len(things) < self.num_labels else None
+
+    @property
+    def semantic_at_input_size(self) -> bool:
+        """Whether semantic class scores are combined at the input size, then resized (else from resized masks).
+
+        The official semantic-only configs (no thing classes) do that (``SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE``
+        false); panoptic and instance configs resize the mask logits first, as that flag is forced on for them.
+        """
+        return not (self.thing_ids & frozenset(range(self.num_labels)))
+
+    def postprocess_kwargs(self, task: str) -> dict[str, Any]:
+        """Keyword arguments of ``task``'s post-processing function with this checkpoint's defaults.
+
+        For :func:`mask2former.postprocess_numpy.panoptic_segmentation` (``thing_ids``, ``threshold``,
+        ``mask_threshold``, ``overlap_mask_area_threshold``), ``instance_rles`` / ``instance_segmentation``
+        (``threshold``, ``thing_ids``) and ``semantic_segmentation`` (``at_input_size``); the same names in
+        :mod:`mask2former.postprocess`. For a checkpoint with an official config they are the official ones.
+        """
+        if task == "panoptic":
+            return {
+                "thing_ids": self.thing_ids,
+                "threshold": self.threshold,
+                "mask_threshold": self.mask_threshold,
+                "overlap_mask_area_threshold": self.overlap_mask_area_threshold,
+            }
+        if task == "instance":
+            return {"threshold": self.instance_threshold, "thing_ids": self.instance_thing_ids}
+        if task == "semantic":
+            return {"at_input_size": self.semantic_at_input_size}
+        raise ValueError(f"unknown task {task!r}: one of panoptic, instance, semantic")
 
     # ------------------------------------------------------------------ HF config.json
     @classmethod
@@ -183,6 +230,8 @@ class Mask2FormerConfig:
             preprocess=preprocess_from_hf(preprocessor or {}),
             name=d.get("_name_or_path") or d.get("name") or "mask2former",
             **{k: float(d[k]) for k in POSTPROCESS_KEYS if k in d},
+            instance_threshold=None if d.get("instance_threshold") is None else float(d["instance_threshold"]),
+            label_source=d.get("label_source"),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -208,6 +257,8 @@ class Mask2FormerConfig:
             "label2id": {v: k for k, v in sorted(self.id2label.items())},
             "thing_ids": sorted(self.thing_ids),
             **{k: getattr(self, k) for k in POSTPROCESS_KEYS},
+            "instance_threshold": self.instance_threshold,
+            **({} if self.label_source is None else {"label_source": self.label_source}),
             "dropout": 0.0,
             "activation_function": "relu",
         }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import pickle
 import re
 import zipfile
@@ -36,7 +37,9 @@ import torch
 from safetensors.torch import save_file
 
 from mask2former.config import Mask2FormerConfig, ResNetConfig, SwinConfig, preprocess_to_hf
-from mask2former.label_sets import apply_labels, resolve_labels
+from mask2former.label_sets import SETS_BY_COUNT, apply_labels, detect_label_set, resolve_labels
+
+log = logging.getLogger(__name__)
 
 _PIX = "model.pixel_level_module."
 _TRF = "model.transformer_module."
@@ -339,16 +342,27 @@ def read_detectron2(
     Args:
         path: a ``model_final.pth`` or model-zoo ``.pkl`` file.
         labels: a label-set name (:data:`mask2former.label_sets.LABEL_SETS`) or a labels JSON file; by
-            default the set the class count implies (133: COCO panoptic, ...), else generic names.
+            default the set the file shows (:func:`mask2former.label_sets.detect_label_set`: the class count,
+            and where semantic and panoptic sets share it, an official model-zoo file name or 200 queries),
+            else generic names. The config's ``label_source`` says which set was chosen and why; it is logged.
     Returns:
         (config, HF state dict, {HF key: detectron2 key}).
     Raises:
-        ValueError: unreadable or unsafe file, missing architecture keys, labels of another class count.
+        ValueError: unreadable or unsafe file, missing architecture keys, labels of another class count, a class
+            count several label sets share without anything in the file that decides (``LabelSetUnknown``).
     """
     path = Path(path)
     state = read_detectron2_file(path)
     cfg = infer_config(state, name=path.parent.name if path.stem == "model_final" else path.stem)
-    cfg = apply_labels(cfg, resolve_labels(labels, cfg.num_labels))
+    if labels is not None:
+        cfg = apply_labels(cfg, resolve_labels(labels, cfg.num_labels))
+    else:
+        label_set, why = detect_label_set(cfg.num_labels, cfg.num_queries, path.name)
+        shared = cfg.num_labels in SETS_BY_COUNT  # chosen among several sets: said where it is always seen
+        log.log(
+            logging.WARNING if shared else logging.INFO, "%s: labels, things and test-time resize: %s", path.name, why
+        )
+        cfg = apply_labels(cfg, label_set, source=why)
     hf_state, sources = to_hf_state_dict(state)
     return cfg, hf_state, sources
 

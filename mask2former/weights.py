@@ -317,8 +317,9 @@ def load_model(
             ``.pkl``; :mod:`mask2former.detectron2`). None: the bundled demo model.
         device: torch device.
         labels: a label-set name (:data:`mask2former.label_sets.LABEL_SETS`) or labels JSON file giving the
-            class names, thing ids and test-time resize; a detectron2 file without it gets the set its class
-            count implies. Must have the checkpoint's class count.
+            class names, thing ids, test-time resize and panoptic threshold; a detectron2 file without it gets
+            the set the file shows (:func:`mask2former.detectron2.read_detectron2`), or a one-line error when
+            its class count fits several. Must have the checkpoint's class count.
     The config (labels, thing/stuff flags, preprocessing) is on ``model.config``.
     """
     path = Path(DEMO_WEIGHTS if path is None else path)

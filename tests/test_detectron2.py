@@ -423,6 +423,7 @@ COUNTS = {
     "coco-panoptic": (133, 80),
     "coco-instance": (80, 80),
     "ade20k-semantic": (150, 0),
+    "ade20k-semantic-640": (150, 0),
     "ade20k-panoptic": (150, 100),
     "ade20k-instance": (100, 100),
     "cityscapes-semantic": (19, 0),
@@ -449,20 +450,87 @@ def test_label_set_contents():
     assert 12 in ade.thing_ids and 0 not in ade.thing_ids  # person is a thing, wall stuff
     city = LABEL_SETS["cityscapes-panoptic"]
     assert city.thing_ids == frozenset(range(11, 19)) and city.labels[11] == "person"
-    assert (LABEL_SETS["ade20k-semantic"].shortest_edge, LABEL_SETS["cityscapes-semantic"].shortest_edge) == (512, 1024)
+    # The official configs' test sizes and OBJECT_MASK_THRESHOLD (configs/<dataset>/<task>-segmentation/).
+    official = {
+        "coco-panoptic": (800, 1333, 0.8),
+        "coco-instance": (800, 1333, 0.8),
+        "ade20k-semantic": (512, 2048, 0.8),
+        "ade20k-semantic-640": (640, 2560, 0.8),  # the *_res640 configs (Swin-B, Swin-L)
+        "ade20k-panoptic": (640, 2560, 0.8),
+        "ade20k-instance": (640, 2560, 0.8),
+        "cityscapes-semantic": (1024, 2048, 0.8),
+        "cityscapes-panoptic": (1024, 2048, 0.8),
+        "cityscapes-instance": (1024, 2048, 0.8),
+        "mapillary-vistas-semantic": (2048, 2048, 0.0),
+        "mapillary-vistas-panoptic": (2048, 2048, 0.0),
+    }
+    assert {n: (s.shortest_edge, s.longest_edge, s.threshold) for n, s in LABEL_SETS.items()} == official
 
 
-def test_default_label_set_by_class_count(tmp_path):
-    from mask2former.label_sets import resolve_labels
+def test_label_set_detected_from_the_file():
+    from mask2former.label_sets import LabelSetUnknown, detect_label_set
 
-    assert resolve_labels(None, 133).name == "coco-panoptic" and resolve_labels(None, 5) is None
+    # A count one set has: that set. A count none has: generic names.
+    assert detect_label_set(133, 100)[0].name == "coco-panoptic"
+    assert detect_label_set(8, 200, "model_final.pth")[0].name == "cityscapes-instance"
+    assert detect_label_set(5, 100) == (None, "no public label set has 5 classes: generic names, no things")
+    # A shared count: the official model-zoo file name decides, else 200 queries (panoptic), else ask.
+    label_set, why = detect_label_set(150, 100, "model_final_500878.pkl")
+    assert (
+        label_set.name == "ade20k-semantic"
+        and why == "ade20k-semantic: the official model-zoo file model_final_500878.pkl"
+    )
+    assert detect_label_set(150, 100, "model_final_6b4a3a.pkl")[0].name == "ade20k-semantic-640"  # Swin-L res640
+    assert detect_label_set(150, 100, "model_final_5c90d4.pkl")[0].name == "ade20k-panoptic"
+    assert detect_label_set(19, 100, "model_final_cc1b1f.pkl")[0].name == "cityscapes-semantic"
+    assert detect_label_set(65, 200, "model_final_90ee2d.pkl")[0].name == "mapillary-vistas-semantic"  # the name wins
+    label_set, why = detect_label_set(150, 200, "my_run.pkl")
+    assert label_set.name == "ade20k-panoptic" and "200 queries" in why
+    assert detect_label_set(19, 200)[0].name == "cityscapes-panoptic"
+    with pytest.raises(LabelSetUnknown) as e:
+        detect_label_set(150, 100, "model_final_9fd0ae.pkl")  # a COCO zoo file's name: not one of these
+    message = str(e.value)
+    assert "\n" not in message and "--labels" in message
+    for part in ("ade20k-semantic (512/2048)", "ade20k-semantic-640 (640/2560)", "ade20k-panoptic (640/2560, things)"):
+        assert part in message
+    with pytest.raises(LabelSetUnknown, match="mapillary-vistas-semantic .* mapillary-vistas-panoptic"):
+        detect_label_set(65, 100, "model_final.pth")
+
+
+def test_user_labels_json(tmp_path):
     path = tmp_path / "mine.json"
-    path.write_text(json.dumps({"id2label": {"0": "person", "1": "grass"}}))
+    path.write_text(json.dumps({"id2label": {"0": "person", "1": "grass"}, "threshold": 0.5}))
     mine = read_labels_json(path)
-    assert mine.labels == ("person", "grass") and mine.thing_ids == {0}
+    assert mine.labels == ("person", "grass") and mine.thing_ids == {0} and mine.threshold == 0.5
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read labels file"):
         read_labels_json(path)
+
+
+@pytest.fixture(scope="module")
+def ade_d2():
+    """The d2 state dict of a tiny model with ADE20K's 150 classes."""
+    return hf_to_d2(hf_model({**TINY, "num_labels": 150}, seed=5).state_dict())
+
+
+def test_shared_class_count_loads_by_zoo_name_or_asks(ade_d2, tmp_path, capsys, caplog):
+    zoo = save_pkl(ade_d2, tmp_path / "model_final_500878.pkl")
+    with caplog.at_level("WARNING", logger="mask2former.detectron2"):
+        cfg = load_model(zoo).config
+    assert "ade20k-semantic: the official model-zoo file model_final_500878.pkl" in caplog.text  # said at load
+    assert cfg.label_source == "ade20k-semantic: the official model-zoo file model_final_500878.pkl"
+    assert (cfg.preprocess.shortest_edge, cfg.preprocess.longest_edge, cfg.thing_ids) == (512, 2048, frozenset())
+    assert cfg.semantic_at_input_size and cfg.instance_thing_ids is None
+    out = tmp_path / "converted"
+    assert main(["convert", str(zoo), "--output", str(out)]) == 0
+    assert load_model(out).config.label_source == cfg.label_source  # the folder remembers why
+    # Renamed, nothing in the file decides: a one-line error that names the choices; --labels decides.
+    renamed = save_pkl(ade_d2, tmp_path / "ade.pkl")
+    err = one_line_error(capsys, ["convert", str(renamed), "--output", str(tmp_path / "out")])
+    assert "150 classes can be ade20k-semantic (512/2048)" in err and "--labels" in err
+    cfg = load_model(renamed, labels="ade20k-panoptic").config
+    assert cfg.label_source is None and cfg.preprocess.shortest_edge == 640 and len(cfg.thing_ids) == 100
+    assert not cfg.semantic_at_input_size and cfg.instance_thing_ids == cfg.thing_ids
 
 
 # ---------------------------------------------------------------------------------------------- R50: export, serve

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -202,6 +203,34 @@ def test_hf_config_round_trip(checkpoint):
     assert again.backbone == cfg.backbone
     assert again.decoder_layers == cfg.decoder_layers and again.id2label == cfg.id2label
     assert (again.threshold, again.mask_threshold, again.overlap_mask_area_threshold) == (0.8, 0.5, 0.8)
+    assert again.instance_threshold is None and again.label_source is None  # no score threshold: the official
+    mine = replace(cfg, instance_threshold=0.25, label_source="mine: given")
+    again = Mask2FormerConfig.from_hf_dict(json.loads(json.dumps(mine.to_hf_dict())))
+    assert (again.instance_threshold, again.label_source) == (0.25, "mine: given")
+
+
+def test_task_defaults_follow_the_official_configs():
+    from mask2former.config import Mask2FormerConfig
+    from mask2former.weights import DEMO_WEIGHTS
+
+    cfg = read_config(DEMO_WEIGHTS)  # things and stuff: as the official panoptic configs
+    assert cfg.thing_ids == {0, 1, 2, 3, 4} and cfg.num_labels == 8
+    assert cfg.postprocess_kwargs("panoptic") == {
+        "thing_ids": cfg.thing_ids,
+        "threshold": cfg.threshold,
+        "mask_threshold": cfg.mask_threshold,
+        "overlap_mask_area_threshold": cfg.overlap_mask_area_threshold,
+    }
+    assert cfg.postprocess_kwargs("instance") == {"threshold": None, "thing_ids": cfg.thing_ids}
+    assert cfg.postprocess_kwargs("semantic") == {"at_input_size": False}
+    things_only = replace(cfg, thing_ids=frozenset(range(cfg.num_labels)))  # instance configs: no filter needed
+    assert things_only.postprocess_kwargs("instance")["thing_ids"] is None
+    assert not things_only.semantic_at_input_size
+    semantic = replace(cfg, thing_ids=frozenset({cfg.num_labels + 3}))  # no thing among its classes
+    assert semantic.postprocess_kwargs("semantic") == {"at_input_size": True}
+    assert semantic.instance_thing_ids is None
+    with pytest.raises(ValueError, match="unknown task"):
+        Mask2FormerConfig().postprocess_kwargs("depth")
 
 
 def test_to_hf_state_dict_inverts_the_mapping(hf_state, expected):
