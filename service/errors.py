@@ -1,6 +1,12 @@
-"""Errors answered as JSON: ``{"error": {"status", "reason", "message"}}`` with the right status."""
+"""Errors answered as JSON: ``{"error": {"status", "reason", "message"}}`` with the right status.
+
+A 408 or 413 also says ``Connection: close``: such an answer comes before the request's body was read to its
+end, so the server closes the connection rather than read the rest (:mod:`service.server` closes it).
+"""
 
 from __future__ import annotations
+
+import json
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,8 +24,22 @@ class HTTPError(Exception):
         self.status, self.reason, self.message, self.headers = status, reason, message, headers or {}
 
 
+CLOSE_STATUSES = (408, 413)  # answered before the body was read: the connection is closed
+
+
+def error_document(status: int, reason: str, message: str) -> dict:
+    return {"error": {"status": status, "reason": reason, "message": message}}
+
+
+def error_body(status: int, reason: str, message: str) -> bytes:
+    """The JSON body of an error answer, for answers written outside the app (:mod:`service.server`)."""
+    return json.dumps(error_document(status, reason, message), separators=(",", ":")).encode()
+
+
 def error_response(status: int, reason: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "reason": reason, "message": message}}, status, headers)
+    if status in CLOSE_STATUSES:
+        headers = {**(headers or {}), "Connection": "close"}
+    return JSONResponse(error_document(status, reason, message), status, headers)
 
 
 def add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
