@@ -15,8 +15,11 @@ Connections (fixed bounds, in the README's limits table):
   what the client still sends for up to :data:`LINGER_S`, so that a client still sending gets the answer and
   an end of file, not a reset that could discard the answer.
 
-On SIGTERM (:class:`DrainingServer`) the service stops admitting (503 ``draining``, ``/readyz`` 503) and finishes
-what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets a JSON 503 ``draining``.
+Drain (:class:`DrainingServer`): on SIGTERM/SIGINT readiness fails at once (``/readyz`` 503, new segment
+requests 503 ``draining`` with ``Retry-After``) on a listener that stays open, so the requests a load balancer
+still sends are answered; the listener closes once nothing is being uploaded or waits for an answer
+(``ServiceState.busy() == 0``) or at ``drain_timeout_s``, when whatever is still open is answered JSON 503
+``draining``. Then the remaining connections close and the process ends as terminated by the signal.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
-import math
 import resource
 import socket
 import time
@@ -46,7 +48,8 @@ KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (uvicorn'
 LINGER_S = 2.0  # after our FIN, what the client still sends is read and discarded for at most this long
 MAX_CONNECTIONS = 1000  # open connections at once; more get 503 too_many_connections
 FD_RESERVE = 128  # files kept free of connections (model files, thread pools, logs) when the file limit is low
-DRAIN_GRACE_S = 3  # seconds uvicorn waits past drain_timeout_s for the 503s to be written
+DRAIN_GRACE_S = 3  # past the drain: time for the last answers to be written and the connections to close
+DRAIN_POLL_S = 0.05
 
 log = logging.getLogger("m2f.service")
 
@@ -214,24 +217,44 @@ class CloseConnections:
 
 # ---------------------------------------------------------------------------------------------- drain
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server with the drain: on SIGTERM/SIGINT readiness fails and admission stops before uvicorn stops
-    listening; at ``drain_timeout_s`` whatever is still open is answered 503 ``draining``."""
+    """uvicorn's server with the drain: on the first SIGTERM/SIGINT readiness fails and admission stops while the
+    listener stays open; the server stops (listener, then connections) once ``state.busy()`` is 0 or
+    ``drain_timeout_s`` has passed (open requests are then answered 503 ``draining``). A second signal stops
+    the wait; a second SIGINT after that forces the exit, as in uvicorn."""
 
     def __init__(self, config: uvicorn.Config, state: ServiceState, drain_timeout_s: float):
         super().__init__(config)
         self.state = state
         self.drain_timeout_s = drain_timeout_s
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_task: asyncio.Task[None] | None = None
+        self.drain_started = False
 
     async def serve(self, sockets: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        self.state.begin_drain()  # before uvicorn stops listening: /readyz and new requests see it
-        if self.loop is not None and not self.should_exit:
-            self.state.abandon_after(self.loop, self.drain_timeout_s)
-        super().handle_exit(sig, frame)
+        if self.loop is None or self.drain_started or self.should_exit:
+            super().handle_exit(sig, frame)
+            return
+        self.drain_started = True
+        self._captured_signals.append(sig)  # uvicorn raises it again once stopped: the exit status says SIGTERM
+        self.loop.call_soon_threadsafe(self.start_drain)  # in the loop, not in the signal handler
+
+    def start_drain(self) -> None:
+        assert self.loop is not None
+        self.state.begin_drain()
+        self.state.abandon_after(self.loop, self.drain_timeout_s)
+        self.drain_task = self.loop.create_task(self.drain())
+
+    async def drain(self) -> None:
+        assert self.loop is not None
+        end = self.loop.time() + self.drain_timeout_s + DRAIN_GRACE_S
+        while self.state.busy() > 0 and not self.should_exit and self.loop.time() < end:
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("drained (%d request(s) open): closing the listener", self.state.busy())
+        self.should_exit = True
 
 
 # ---------------------------------------------------------------------------------------------- serve
@@ -254,8 +277,7 @@ def serve(settings: Settings) -> int:
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers go through ours (configure_logging): one format, request ids
         access_log=False,  # ours is service.logs.RequestIdMiddleware's, with the request's timings
-        # Later than our own drain timeout, which answers what is still open in JSON first.
-        timeout_graceful_shutdown=math.ceil(settings.drain_timeout_s) + DRAIN_GRACE_S,
+        timeout_graceful_shutdown=DRAIN_GRACE_S,  # the drain itself happens before uvicorn's shutdown
     )
     listener = listen_socket(settings.host, settings.port)  # a port in use fails here, before the model loads
     server = DrainingServer(config, state, settings.drain_timeout_s)

@@ -11,6 +11,7 @@ import json
 import os
 import resource
 import select
+import signal
 import socket
 import threading
 import time
@@ -225,3 +226,59 @@ def test_open_connections_are_capped_below_the_file_limit(start_server):
             sock.close()
     time.sleep(0.5)
     assert server.client.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- drain
+def read_response(sock: socket.socket, timeout: float = 30) -> tuple[int, dict[str, str], dict]:
+    """One response on a kept-alive connection (read to its Content-Length, the connection left open)."""
+    sock.settimeout(timeout)
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        part = sock.recv(65536)
+        assert part, f"the connection closed before an answer: {reply!r}"
+        reply += part
+    status, headers, _ = parse(reply.partition(b"\r\n\r\n")[0] + b"\r\n\r\n")
+    while len(reply.partition(b"\r\n\r\n")[2]) < int(headers["content-length"]):
+        reply += sock.recv(65536)
+    return parse(reply)
+
+
+def test_sigterm_fails_readiness_answers_during_the_drain_then_exits(start_server):
+    """SIGTERM while a request waits for its batch (1.5 s): during the drain the listener stays open, /readyz
+    says 503, a new connection's request gets a JSON 503 draining with Retry-After, and a request on an idle
+    kept-alive connection gets the same with Connection: close, then an end of file, not a reset. The waiting
+    request is answered 200, then the listener closes and the process ends as terminated by SIGTERM, without
+    waiting for the drain timeout. (Before, the listener closed at once: new connections were refused.)"""
+    batching = ("--max-batch-size", "8", "--max-batch-delay-ms", "1500")
+    server = start_server(*batching, env={"M2F_BATCH_PROFILE": "false"})
+    data = png_bytes()
+    head = f"POST /v1/segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {len(data)}\r\n\r\n"
+    with connect(server) as waiting, connect(server) as kept:
+        kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(kept)[0] == 200
+        waiting.sendall(head.encode() + data)
+        time.sleep(0.4)  # uploaded and waiting for others to fill its batch
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+
+        with httpx.Client(base_url=server.base, timeout=10) as fresh:
+            ready = fresh.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["draining"] is True
+            r = fresh.post("/v1/segment", content=data, headers={"Content-Type": "image/png"})
+            assert r.status_code == 503 and r.json()["error"]["reason"] == "draining"
+            assert r.headers["Retry-After"] == "1" and r.headers["Connection"] == "close"
+
+        kept.sendall(head.encode() + data)
+        status, headers, body = read_response(kept)
+        assert status == 503 and body["error"]["reason"] == "draining" and headers["connection"] == "close"
+        assert read_until_eof(kept, LINGER_S + 3)[0] == b""
+
+        status, _, body = read_response(waiting)
+        answered = time.monotonic()
+        assert status == 200 and body["segments"] is not None
+    assert server.proc.wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn raises the signal again once stopped
+    assert time.monotonic() - answered < 10  # once nothing is open, not at the 30 s drain timeout
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    log = server.log()
+    assert "draining:" in log and "Traceback" not in log
