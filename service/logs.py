@@ -10,6 +10,12 @@ is a :class:`ContextThreadPoolExecutor` (``loop.run_in_executor`` does not copy 
 ``configure_logging(level, "text" | "json")`` sets up the root logger for ``m2f serve``: text lines, or one
 JSON object per line with ``time``, ``level``, ``logger``, ``message``, ``request_id`` and, on access lines,
 the access fields.
+
+What a client sends cannot forge log structure. A client's id is kept as it is (the answer's header, the JSON
+``request_id``, where JSON escaping holds it), but on a text line it is written as is only when it is made of
+printable ASCII other than spaces, double quotes, backslashes and square brackets; any other id is written as
+a JSON string: ``[abc-123]``, ``["a] b"]``. The request's path on text lines (access and debug) follows the
+same rule, since it is percent-decoded and may hold spaces or newlines.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -50,12 +57,23 @@ def choose_request_id(value: str | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- logging
+PLAIN = re.compile(r"[!#-Z^-~]+")  # printable ASCII but space, '"', '[', '\\' and ']': safe as is on a text line
+
+
+def text_safe(value: str) -> str:
+    """``value`` as it is on a text log line when it cannot be mistaken for the line's structure, else as a JSON
+    string (quoted; quotes, backslashes, control and non-ASCII characters escaped)."""
+    return value if PLAIN.fullmatch(value) else json.dumps(value)
+
+
 class RequestIdFilter(logging.Filter):
-    """Adds ``record.request_id``: the id of the request being handled, ``-`` outside requests."""
+    """Adds ``record.request_id``: the id of the request being handled, ``-`` outside requests; and
+    ``record.request_id_text``, the same for text lines (:func:`text_safe`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
             record.request_id = request_id.get()
+        record.request_id_text = text_safe(str(record.request_id))
         return True
 
 
@@ -77,7 +95,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id_text)s]: %(message)s"  # RequestIdFilter's fields
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
@@ -124,7 +142,7 @@ def access_fields(
 
 def access_message(fields: dict[str, Any]) -> str:
     """``POST /v1/segment 200 task=panoptic image=640x480 queue=0.003s ... total=0.452s``."""
-    parts = [fields["method"], fields["path"], str(fields["status"])]
+    parts = [fields["method"], text_safe(fields["path"]), str(fields["status"])]
     if "reason" in fields:
         parts.append(fields["reason"])
     if "task" in fields:
@@ -154,7 +172,7 @@ class RequestIdMiddleware:
         token = request_id.set(rid)
         started = time.perf_counter()
         status, error_body = 0, bytearray()
-        log.debug("%s %s from %s", scope["method"], scope["path"], (scope.get("client") or ("?",))[0])
+        log.debug("%s %s from %s", scope["method"], text_safe(scope["path"]), (scope.get("client") or ("?",))[0])
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

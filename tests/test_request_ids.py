@@ -188,6 +188,81 @@ def test_formats_and_context_propagation_to_threads():
         logger.removeHandler(handler)
 
 
+TEXT_LINE = re.compile(
+    r'^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>\S+) \[(?P<id>"(?:[^"\\]|\\.)*"|[^\s"\[\]\\]+)\]: (?P<msg>.*)$'
+)
+FORGED_ID = 'x] CRITICAL m2f.service [y "z" \\'  # a client's id that would forge a text line's structure
+
+
+def text_id(match: re.Match) -> str:
+    """The request id of a parsed text line (a quoted one is a JSON string)."""
+    value = match["id"]
+    return json.loads(value) if value.startswith('"') else value
+
+
+def test_client_ids_cannot_forge_log_structure():
+    """The id is written as is on text lines when it is plain, else as a JSON string that parses back to it; on
+    JSON lines it is the request_id field. A percent-decoded path with a newline stays on its access line."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(logs.RequestIdFilter())
+    logger = logging.getLogger("m2f.test-forged")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fields = logs.access_fields("GET", "/a b]\nforged line", 404, 0.001, FORGED_ID, {}, "not_found")
+    try:
+        for fmt in (logging.Formatter(logs.TEXT_FORMAT), logs.JsonFormatter()):
+            handler.setFormatter(fmt)
+            stream.seek(0), stream.truncate()
+            for rid in (FORGED_ID, "abc-123_X.y:z=1", "with spaces"):
+                token = logs.request_id.set(rid)
+                try:
+                    logger.info("message")
+                finally:
+                    logs.request_id.reset(token)
+            token = logs.request_id.set(FORGED_ID)
+            try:
+                logger.info(logs.access_message(fields), extra={"access": fields})
+            finally:
+                logs.request_id.reset(token)
+            lines = stream.getvalue().splitlines()
+            assert len(lines) == 4, lines
+            if isinstance(fmt, logs.JsonFormatter):
+                docs = [json.loads(line) for line in lines]
+                assert [d["request_id"] for d in docs] == [FORGED_ID, "abc-123_X.y:z=1", "with spaces", FORGED_ID]
+                assert docs[3]["path"] == "/a b]\nforged line"
+                continue
+            matches = [TEXT_LINE.match(line) for line in lines]
+            assert all(matches), lines
+            assert [text_id(m) for m in matches] == [FORGED_ID, "abc-123_X.y:z=1", "with spaces", FORGED_ID]
+            assert [m["level"] for m in matches] == ["INFO"] * 4
+            assert lines[1].endswith("[abc-123_X.y:z=1]: message")  # plain ids as they are
+            assert matches[3]["msg"] == 'GET "/a b]\\nforged line" 404 not_found total=0.001s'
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_text_log_of_the_server_keeps_one_line_per_record(start_server):
+    """The real server with text logs: a client id with brackets, spaces and quotes and a path with an encoded
+    newline; every line of the log parses, and the request's lines carry the id as a JSON string."""
+    server = start_server("--log-level", "debug", "--max-batch-delay-ms", "1")
+    r = server.client.get("/no%20such]%0Apath", headers={"X-Request-ID": FORGED_ID})
+    assert r.status_code == 404 and r.headers["X-Request-ID"] == FORGED_ID
+    r = server.client.get("/healthz", headers={"X-Request-ID": "plain-id.1"})
+    assert r.status_code == 200
+    end = time.monotonic() + 10
+    while "[plain-id.1]: GET /healthz 200" not in server.log() and time.monotonic() < end:  # the access line
+        time.sleep(0.05)
+    lines = [line for line in server.log().splitlines() if line.strip()]
+    parsed = [TEXT_LINE.match(line) for line in lines]
+    assert all(parsed), [line for line, m in zip(lines, parsed) if not m]
+    ours = [m for m in parsed if text_id(m) == FORGED_ID]
+    assert [m["logger"] for m in ours] == ["m2f.service", "m2f.access"]  # the debug start line, the access line
+    assert ours[1]["msg"].startswith('GET "/no such]\\npath" 404 not_found') and ours[1]["level"] == "INFO"
+    assert any(m["logger"] == "m2f.access" and "[plain-id.1]: GET /healthz 200" in m.group(0) for m in parsed)
+
+
 def test_unhandled_error_is_answered_in_json_with_the_id():
     app = FastAPI()
     app.add_middleware(logs.RequestIdMiddleware)
