@@ -83,13 +83,24 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model: str | None, batch: int, delay_ms: float, env: dict[str, str] | None = None):
+    """``m2f serve`` on a free port, from ``source`` (this checkout, or another one to compare with). ``batch``:
+    ``--max-batch-size`` (None: the server's default, a start-up profile up to 4)."""
+
+    def __init__(
+        self,
+        model: str | None,
+        batch: int | None,
+        delay_ms: float,
+        env: dict[str, str] | None = None,
+        source: Path = REPO,
+    ):
         self.port = free_port()
-        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), "--max-queue", "256"]
-        cmd += ["--max-batch-size", str(batch), "--max-batch-delay-ms", str(delay_ms), "--log-level", "warning"]
+        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
+        cmd += ["--max-batch-delay-ms", str(delay_ms)] + ([] if batch is None else ["--max-batch-size", str(batch)])
         if model:
             cmd += ["--model", model]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})})
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(source)}
+        self.proc = subprocess.Popen(cmd, cwd=source, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         end = time.monotonic() + 300
         while time.monotonic() < end:

@@ -216,13 +216,14 @@ class NaiveServer:
         self.proc.wait(60)
 
 
-def start(server: str, checkpoint: Path, models: dict[str, Path]) -> NaiveServer | Server:
-    """``server``: a name of ``SERVERS``, for ``m2f serve`` optionally with ``@share`` (``M2F_ADMIT_SHARE``)."""
+def start(server: str, checkpoint: Path, models: dict[str, Path], before: Path | None) -> NaiveServer | Server:
+    """``server``: a name of ``SERVERS``; ``name@before``: that ``m2f serve`` from the ``--before`` checkout."""
     if server == "naive":
         return NaiveServer(checkpoint)
-    name, _, share = server.partition("@")
-    env = {"M2F_ADMIT_SHARE": share} if share else None
-    return Server(str(models[name]), batch=4, delay_ms=5.0, env=env)  # m2f serve's default batching
+    name, _, which = server.partition("@")
+    if which == "before":  # its --max-batch-size 4 was the profile's limit, as the default is now
+        return Server(str(models[name]), batch=4, delay_ms=5.0, source=before)
+    return Server(str(models[name]), batch=None, delay_ms=5.0)  # m2f serve's default batching
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -271,28 +272,13 @@ def batching(proc: NaiveServer | Server, before: dict[str, Any] | None = None) -
     out = {
         "max_batch_size": info["max_batch_size"],
         "profile_s": info["profile_s"],
-        "check": info.get("check"),
+        "cpu_work_between_passes": info.get("cpu_work_between_passes"),
         "sum": total,
         "count": count,
     }
-    out["admission_error"] = admission_errors(proc.base)
     if before is not None:
         done = count - before["count"]
         out["mean_batch"] = (total - before["sum"]) / done if done else None
-    return out
-
-
-def admission_errors(base: str) -> dict[str, float]:
-    """Since the server started: answered requests (``count``) and the shares of them whose real time from
-    admission to answer exceeded the predicted one by more than 1.1x, 1.25x, 1.5x and 2x."""
-    buckets: dict[str, float] = {}
-    for line in httpx.get(base + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("m2f_admission_error_bucket"):
-            buckets[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
-    count = buckets.get("+Inf", 0.0)
-    out = {"count": count}
-    for le in ("1.1", "1.25", "1.5", "2.0"):
-        out[f"over_{le}"] = round(1 - buckets[le] / count, 4) if count and le in buckets else None
     return out
 
 
@@ -320,7 +306,7 @@ def run_points(args: argparse.Namespace, checkpoint: Path, models: dict[str, Pat
             k += 1
             for server in order:
                 t0 = time.perf_counter()
-                proc = start(server, checkpoint, models)
+                proc = start(server, checkpoint, models, args.before)
                 image_processor = getattr(proc, "image_processor", image_processor)
                 try:
                     load(proc.base, inputs[size], c, args.warmup_seconds, params)
@@ -389,10 +375,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1, help="passes over all points; results pooled (default 1)")
     p.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     p.add_argument(
-        "--admit-shares",
-        type=float,
-        nargs="+",
-        help="run each m2f server once per M2F_ADMIT_SHARE value (rows named server@share); default: its default",
+        "--before",
+        type=Path,
+        help="another checkout: each m2f server also runs from there (rows named server@before), side by side",
     )
     p.add_argument("--task", choices=("panoptic", "instance"), default="panoptic")
     p.add_argument("--threshold", type=float, default=0.8, help="score threshold, both servers (default 0.8)")
@@ -415,9 +400,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.rounds < 1 or min(args.concurrency) < 1 or args.seconds <= 0:
         p.error("--rounds, --concurrency and --seconds must be positive")
     args.models = [s for s in args.servers if s != "naive"]
-    if args.admit_shares:  # naive once, each m2f server once per share
-        shares = args.admit_shares
-        args.servers = list(dict.fromkeys(s if s == "naive" else f"{s}@{x:g}" for s in args.servers for x in shares))
+    if args.before:  # naive once, each m2f server from both checkouts
+        args.servers += [f"{s}@before" for s in args.servers if s != "naive"]
     return args
 
 

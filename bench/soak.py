@@ -2,7 +2,7 @@
 
     python bench/soak.py                                   # 30 min steady + 60 s overload (demo model)
     python bench/soak.py --minutes 2 --overload-seconds 20 --out out/soak-short.json   # a short try
-    python bench/soak.py --model model.onnx --serve-args "--max-queue 64 --threads 2"
+    python bench/soak.py --model model.onnx --serve-args "--memory-mb 1024 --threads 2"
 
 Starts the real server (a subprocess on a free 127.0.0.1 port, its log in a file), then:
 1. capacity: ``--capacity-clients`` closed-loop clients for ``--capacity-seconds``; answers 200 per second;
@@ -365,9 +365,8 @@ def markdown(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint folder or .onnx (default: the demo model)")
-    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="default: the server's (auto)")
     p.add_argument(
-        "--serve-args", default="", help='more `m2f serve` flags: "--max-queue 64", --serve-args=--no-batch-profile'
+        "--serve-args", default="", help='more `m2f serve` flags: "--memory-mb 1024", --serve-args=--max-batch-size=1'
     )
     p.add_argument("--minutes", type=float, default=30.0, help="steady phase (default 30)")
     p.add_argument("--load-fraction", type=float, default=0.7, help="steady rate / capacity (default 0.7)")
@@ -430,7 +429,7 @@ def run_phases(args: argparse.Namespace, server: Server, mix: list[Request]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    extra = (["--model", args.model] if args.model else []) + (["--runtime", args.runtime] if args.runtime else [])
+    extra = ["--model", args.model] if args.model else []
     extra += shlex.split(args.serve_args)
     log_path = args.log or Path(tempfile.mkdtemp(prefix="m2f-soak-")) / "server.log"
     mix = request_mix(args.sizes, args.tasks)

@@ -7,7 +7,7 @@ The pipeline is the service's, step for step (:mod:`service.pipeline`), as Ray D
    decoded becomes an error row, recorded in ``errors.jsonl``, and the job goes on;
 2. inference: a pool of actors, each holding one runner (:func:`runtimes.open_runner`, PyTorch or
    ONNX Runtime); each call groups its images by padded size with the service's
-   :class:`~service.batching.BatchPolicy` and pads each batch to its largest member, as the service does;
+   :class:`~service.scheduler.BatchPolicy` and pads each batch to its largest member, as the service does;
 3. post-processing and COCO RLE: CPU tasks (:func:`service.pipeline.answer`);
 4. the driver streams the results in input order and writes each shard (COCO JSON or Parquet) when its last
    image arrives, then the shard's marker. Writing on the driver keeps a local ``--output`` right when the
@@ -45,7 +45,8 @@ from mask2former.postprocess_numpy import TASKS
 from model_export.metadata import read_metadata
 from runtimes import open_runner, typical_size
 from service import pipeline
-from service.batching import BatchPolicy, Item, assemble, choose_batch_size, describe_profile, profile_batches
+from service.batching import choose_batch_size, describe_profile, profile_batches
+from service.scheduler import BatchPolicy, Item, assemble
 
 IDENTITY = ("num_images", "listing_sha256", "model", "runtime", "task", "format", "shard_size")
 IDENTITY += ("threshold", "overlap_mask_area_threshold", "max_instances")
@@ -184,7 +185,7 @@ class Infer:
         for i in range(n):
             if not batch["error"][i]:
                 h, w = (int(v) for v in batch["resized"][i])
-                item = Item(np.asarray(batch["pixels"][i]), (h, w))
+                item = Item(np.asarray(batch["pixels"][i]), (h, w), seq=i)
                 index[item] = i
                 self.policy.add(item, 0.0)
         while (group := self.policy.next_batch(math.inf)) is not None:  # by bucket, oldest first

@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="panoptic")
     p.add_argument("--output", "-o", type=Path, help="write the JSON here (default: standard output)")
     p.add_argument("--overlay", type=Path, help="also write a PNG of the segments drawn over the image")
-    p.add_argument("--threshold", type=float, help="score threshold (default: 0.8 panoptic, 0.0 instance)")
+    p.add_argument(
+        "--threshold", type=float, help="score threshold (default: the checkpoint's panoptic one; instance: none)"
+    )
     p.add_argument("--overlap-mask-area-threshold", type=float, help="panoptic: min visible/own mask area (0.8)")
     p.add_argument("--max-instances", type=int, default=100, help="instance: top-k (query, class) pairs")
     p.add_argument("--shortest-edge", type=int, help="override the checkpoint's resize setting")
@@ -181,33 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="start the HTTP segmentation service",
         description="Start the HTTP service. Every option can also be set as an environment variable "
-        "(M2F_MODEL, M2F_RUNTIME, M2F_PORT, M2F_MAX_BATCH_SIZE, ...); options given here win.",
+        "(M2F_MODEL, M2F_PORT, M2F_MAX_BATCH_SIZE, ...); options given here win.",
     )
     p.add_argument(
         "--model",
         type=Path,
         help="HF checkpoint folder, detectron2 .pkl/.pth file or .onnx file (default: the demo model)",
     )
-    p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), help="auto: onnxruntime for .onnx files")
     p.add_argument("--device", help="torch device (cpu, cuda, ...)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
     p.add_argument("--port", type=int, help="port (default 8000)")
-    p.add_argument("--max-batch-size", type=int, help="images per forward pass (default 4)")
-    p.add_argument("--max-batch-delay-ms", type=float, help="how long a request waits for a batch to fill (5)")
-    p.add_argument(
-        "--batch-profile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="time the forward pass by batch size at start-up; batch only where it raises throughput (on)",
-    )
-    p.add_argument("--max-queue", type=int, help="requests admitted at once; more get 503 (32)")
-    p.add_argument("--request-timeout-s", type=float, help="requests not answered by then get 504 (30)")
-    p.add_argument(
-        "--admit-share",
-        type=float,
-        help="admit a request only while its answer is predicted within this share of its time left (0.7)",
-    )
     p.add_argument("--threads", type=int, help="intra-op threads (default: the usable cores)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="images per forward pass at most (default: up to 4, as a start-up profile finds it pays)",
+    )
+    p.add_argument("--max-batch-delay-ms", type=float, help="how long an image may wait for a batch to fill (5)")
+    p.add_argument("--request-timeout-s", type=float, help="one deadline per request; 504 past it (30)")
+    p.add_argument("--memory-mb", type=int, help="memory the requests in progress may hold, estimated (2048)")
     p.add_argument("--cache-dir", type=Path, help="ONNX Runtime optimized-graph cache folder")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--log-format", choices=("text", "json"), help="json: one JSON object per log line (text)")
@@ -230,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LABELS_HELP = (
-    "class names, thing ids and test-time resize: a label set (coco-panoptic, coco-instance, ade20k-semantic, "
+    "class names, thing ids and test-time resize: a label set (coco-panoptic, coco-instance, ade20k-semantic, ade20k-semantic-640, "
     "ade20k-panoptic, ade20k-instance, cityscapes-semantic, cityscapes-panoptic, cityscapes-instance, "
     "mapillary-vistas-semantic, mapillary-vistas-panoptic) or a labels .json file; for a detectron2 file the "
     "default is the set its class count implies"
@@ -270,8 +264,8 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve  # lazy: fastapi, uvicorn (the serve extra)
     from service.settings import Settings  # lazy: pydantic-settings (the serve extra)
 
-    names = ("model", "runtime", "device", "host", "port", "max_batch_size", "max_batch_delay_ms", "max_queue")
-    names += ("request_timeout_s", "admit_share", "threads", "cache_dir", "log_level", "log_format", "batch_profile")
+    names = ("model", "device", "host", "port", "threads", "max_batch_size", "max_batch_delay_ms", "request_timeout_s")
+    names += ("memory_mb", "cache_dir", "log_level", "log_format")
     try:
         settings = Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
     except ValidationError as e:

@@ -23,6 +23,8 @@ disable_created_metrics()  # the *_created series only add noise to every scrape
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REJECTION_REASONS = (
     "queue_full",
+    "over_memory",
+    "too_many_uploads",
     "not_ready",
     "timeout",
     "draining",
@@ -62,13 +64,6 @@ class Metrics:
             "Post-processing and RLE encoding of one request",
             ["task"],
             buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.admission_error = Histogram(
-            "m2f_admission_error",
-            "Admitted and answered requests: real / predicted time from admission to answer (admission's error; "
-            "what it strays above 1 is the margin admit_share must leave)",
-            buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0),
             registry=r,
         )
         sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, max_batch_size})

@@ -51,6 +51,27 @@ def decode(data: bytes, max_pixels: int | None = None) -> Image.Image:
     return load_image(data, formats=ALLOWED_FORMATS, max_pixels=max_pixels)
 
 
+def header_size(data: bytes) -> Size | None:
+    """(height, width) of encoded image bytes, read from the header without decoding; None when unreadable
+    (:func:`decode` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.height, img.width
+    except Exception:  # noqa: BLE001 - any failure here is decode's to report
+        return None
+
+
+def padded_pixels(size: Size, config: Mask2FormerConfig, fixed_size: Size | None = None) -> int:
+    """Pixels of the model input an image of ``size`` (h, w) takes: resized the checkpoint's way, padded to the
+    size divisor (a fixed-shape graph: its shape)."""
+    if fixed_size is not None:
+        return fixed_size[0] * fixed_size[1]
+    pre = config.preprocess
+    h, w = resize_shape(*size, pre.shortest_edge, pre.longest_edge)
+    d = max(pre.size_divisor, 1)
+    return (-(-h // d) * d) * (-(-w // d) * d)
+
+
 def prepare(image: Image.Image, config: Mask2FormerConfig, fixed_size: Size | None = None) -> Prepared:
     """Resize and normalize one image the checkpoint's way; with a fixed graph size, scale down to fit it."""
     pre = config.preprocess
@@ -79,26 +100,23 @@ def postprocess(
 ) -> list[Any]:
     """Batch logits -> one result per image: a label map (semantic), an InstanceRLEs or a PanopticResult.
 
-    ``threshold`` and ``overlap_mask_area_threshold`` default to the checkpoint's values (instance: 0).
+    ``threshold`` and ``overlap_mask_area_threshold`` default to the checkpoint's (``config.postprocess_kwargs``).
     """
-    args = (class_logits, mask_logits, resized_sizes, original_sizes)
-    if task == "panoptic":
-        return post.panoptic_segmentation(
-            *args,
-            thing_ids=config.thing_ids,
-            threshold=config.threshold if threshold is None else threshold,
-            mask_threshold=config.mask_threshold,
-            overlap_mask_area_threshold=(
-                config.overlap_mask_area_threshold
-                if overlap_mask_area_threshold is None
-                else overlap_mask_area_threshold
-            ),
-        )
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    kwargs = config.postprocess_kwargs(task)  # the checkpoint's defaults (the official ones where it has them)
+    if threshold is not None and task in ("panoptic", "instance"):
+        kwargs["threshold"] = threshold
+    if overlap_mask_area_threshold is not None and task == "panoptic":
+        kwargs["overlap_mask_area_threshold"] = overlap_mask_area_threshold
     if task == "instance":
-        return post.instance_rles(*args, threshold=0.0 if threshold is None else threshold, max_instances=max_instances)
-    if task == "semantic":
-        return post.semantic_segmentation(*args)
-    raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        kwargs["max_instances"] = max_instances
+    fn = {
+        "panoptic": post.panoptic_segmentation,
+        "instance": post.instance_rles,
+        "semantic": post.semantic_segmentation,
+    }[task]
+    return fn(class_logits, mask_logits, resized_sizes, original_sizes, **kwargs)
 
 
 def answer(

@@ -48,6 +48,7 @@ class SegmentResponse(BaseModel):
         "of the semantic class ids (8-bit grey; 16-bit past 255 classes)",
     )
     timings: Timings
+    warnings: list[str] = Field([], description="what the server could not do as asked (png=true for instances)")
 
 
 class ErrorBody(BaseModel):
@@ -74,8 +75,9 @@ class ModelInfo(BaseModel):
     labels: list[Label]
     input: dict = Field(description="graph input: name, shape (strings for dynamic axes), dtype")
     preprocess: dict = Field(description="resize (shortest/longest edge), mean/std (0..255 scale), size divisor")
-    defaults: dict = Field(description="post-processing defaults of the checkpoint")
-    batching: dict = Field(description="max batch size and delay, bucket size")
+    defaults: dict = Field(description="post-processing defaults by task")
+    batching: dict = Field(description="batch size (and the start-up profile), delay, CPU work between passes")
+    admission: dict = Field(description="the request deadline, memory budget and input limits")
     runner: dict = Field(description="what the runtime reports about itself")
 
 

@@ -1,20 +1,20 @@
-"""One segmentation request, step by step (``POST /v1/segment``), and the model description (``GET /v1/model``).
+"""One segmentation request, top to bottom (``POST /v1/segment``), and the model description (``GET /v1/model``).
 
-1. :func:`read_upload` reads the body (raw JPEG, PNG, WebP, BMP, TIFF or octet-stream, or a multipart field
-   ``image``; else 415) under the upload limits, not the compute ones: at most ``max_uploads`` bodies at once
-   (503), each within ``upload_timeout_s`` and never idle for ``upload_idle_timeout_s`` (408), up to
-   ``max_body_bytes`` (413), so that no number of slow or stalled clients can hold the compute slots;
-2. only then the request takes a compute slot (:meth:`~service.state.ServiceState.admit`; else 503 +
-   Retry-After at once) and :func:`decode_and_prepare` decodes and resizes the image in a worker thread
-   (415 / 413 / 400);
-3. :func:`wait_for_result` waits for its batch, at most until its deadline (504); a client that disconnects
-   is dropped;
-4. :func:`answer` post-processes and RLE-encodes its image in a worker thread (:func:`service.pipeline.answer`).
+:func:`answer` is the whole request:
 
-One deadline, ``request_timeout_s`` from the request's start, covers all of it: a step is not started once
-it has passed (an expired image never reaches a batch, an expired result is not post-processed), and the
-client gets 504 at the deadline even when a step is still running. :func:`answer_unless_abandoned` answers a
-request still open at the drain timeout with a JSON 503 ``draining``.
+1. refused at once (503) while draining, loading, or with the queue full (:meth:`ServiceState.refusal`);
+2. :func:`read_upload` reads the body (raw JPEG, PNG, WebP, BMP, TIFF or octet-stream, or a multipart field
+   ``image``; else 415) under the upload limits, not the compute ones (:mod:`service.uploads`): at most
+   ``MAX_UPLOADS`` bodies at once (503), within the request's deadline and never idle for ``UPLOAD_IDLE_S``
+   (408), up to ``MAX_BODY_BYTES`` (413); no number of slow or stalled clients can hold the compute;
+3. the scheduler admits its :class:`~service.scheduler.Job` (else 503 + Retry-After, or 413 when the image alone
+   is over the memory budget) and runs its steps: decode and resize (:func:`prepare`, 415/413/400), its share of
+   a batched forward pass, post-processing and encoding (``finish``, :func:`service.pipeline.answer`);
+4. the request waits for the answer until its deadline (504) or until its client leaves (499, counted as
+   ``disconnected``); either way the job is cancelled, and no later step of it runs.
+
+One deadline, ``request_timeout_s`` from the request's start, covers all of it.
+:func:`answer_unless_abandoned` answers a request still open at the drain timeout with a JSON 503 ``draining``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads SegmentQuery's field types from the class at
@@ -33,13 +33,19 @@ from fastapi.responses import Response
 
 from mask2former.processing import ImageTooLarge, UnsupportedImageFormat
 from service import pipeline
-from service.batching import BatchResult, Item
 from service.errors import HTTPError, error_response
+from service.scheduler import BatchResult, Expired, Job, Refused
 from service.schemas import Task
-from service.state import ServiceState
+from service.state import ServiceState, as_http_error
 from service.uploads import UploadLimits, image_bytes
 
 log = logging.getLogger("m2f.service")
+
+MAX_UPLOADS = 128  # request bodies read at once; more get 503 too_many_uploads
+UPLOAD_IDLE_S = 5.0  # a body that sends nothing for this long gets 408
+MAX_BODY_BYTES = 20 * 2**20  # larger bodies get 413
+MAX_PIXELS = 40_000_000  # width x height over this gets 413, read from the header before decoding
+MAX_INSTANCES = 100  # default and upper limit of the instance task's top-k
 
 
 @dataclass(frozen=True)
@@ -48,41 +54,39 @@ class SegmentQuery:
 
     task: Annotated[Task | None, Query(description="default: the model's (panoptic with things and stuff)")] = None
     threshold: Annotated[
-        float | None, Query(ge=0, le=1, description="score threshold (default: the model's; instance: 0)")
+        float | None,
+        Query(ge=0, le=1, allow_inf_nan=False, description="score threshold (default: the model's, per task)"),
     ] = None
-    overlap_mask_area_threshold: Annotated[float | None, Query(ge=0, le=1, description="panoptic only")] = None
-    max_instances: Annotated[int | None, Query(ge=1, description="instance only: top-k (query, class) pairs")] = None
-    png: Annotated[bool, Query(description="also return the panoptic or semantic map as a base64 PNG")] = False
+    overlap_mask_area_threshold: Annotated[
+        float | None, Query(ge=0, le=1, allow_inf_nan=False, description="panoptic only")
+    ] = None
+    max_instances: Annotated[
+        int | None, Query(ge=1, le=MAX_INSTANCES, description="instance only: top-k (query, class) pairs")
+    ] = None
+    png: Annotated[
+        bool, Query(description="also return the panoptic or semantic map as a base64 PNG (not for instance)")
+    ] = False
 
 
 # ---------------------------------------------------------------------------------------------- steps
 async def read_upload(request: Request, state: ServiceState, deadline: float) -> bytes:
-    """The image bytes, read under the upload limits (at most ``max_uploads`` at once, else 503
+    """The image bytes, read under the upload limits (at most ``MAX_UPLOADS`` at once, else 503
     ``too_many_uploads``), within the request's deadline."""
-    settings = state.settings
-    if state.uploads >= settings.max_uploads:
+    if state.uploads >= MAX_UPLOADS:
         raise HTTPError(
-            503,
-            "too_many_uploads",
-            f"{state.uploads} uploads in progress; try again later",
-            {"Retry-After": "1"},
+            503, "too_many_uploads", f"{state.uploads} uploads in progress; try again later", {"Retry-After": "1"}
         )
     state.uploads += 1
     try:
-        limits = UploadLimits(
-            settings.max_body_bytes,
-            min(deadline, time.monotonic() + settings.upload_timeout_s),
-            settings.upload_idle_timeout_s,
-        )
-        return await image_bytes(request, limits)
+        return await image_bytes(request, UploadLimits(MAX_BODY_BYTES, deadline, UPLOAD_IDLE_S))
     finally:
         state.uploads -= 1
 
 
-def decode_and_prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
-    """Bytes -> resized, normalized image; decoding errors as HTTP errors. Runs in a worker thread."""
+def prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
+    """Bytes -> resized, normalized image; decoding errors as HTTP errors. Runs on a CPU worker."""
     try:
-        image = pipeline.decode(data, state.settings.max_pixels)
+        image = pipeline.decode(data, MAX_PIXELS)
     except UnsupportedImageFormat as e:
         raise HTTPError(415, "unsupported_media_type", str(e)) from None
     except ImageTooLarge as e:
@@ -92,10 +96,13 @@ def decode_and_prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
     return pipeline.prepare(image, state.runner.config, state.runner.input.size)
 
 
-async def wait_for_result(request: Request, state: ServiceState, item: Item, deadline: float) -> BatchResult:
-    """The image's batch result, or 504 at the deadline, or ``HTTPError(499)`` if the client has left."""
-    batcher = state.batcher
-    future = batcher.submit(item)
+async def wait_for_answer(request: Request, state: ServiceState, job: Job, deadline: float) -> Any:
+    """Admit ``job`` and wait for its answer: 504 at the deadline, 499 if the client leaves; the job is cancelled
+    on every way out but its answer."""
+    try:
+        future = state.scheduler.submit(job)
+    except Refused as refused:
+        raise as_http_error(refused) from None
 
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -107,14 +114,18 @@ async def wait_for_result(request: Request, state: ServiceState, item: Item, dea
         done, _ = await asyncio.wait({future, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watcher.cancel()
-        if not future.done():  # timed out, client gone, or this request abandoned: out of the queue
-            batcher.cancel(item)
-            future.cancel()
+        if not future.done():  # timed out, client gone, or this request abandoned
+            state.scheduler.cancel(job)
     if future in done:
-        return future.result()  # a failed batch raises here
+        try:
+            return future.result()  # a failed step raises here
+        except Expired as e:
+            raise HTTPError(504, "timeout", str(e)) from None
+        except Refused as refused:  # the scheduler closed
+            raise as_http_error(refused) from None
     if watcher in done:
         raise HTTPError(499, "disconnected", "client closed the connection")
-    raise HTTPError(504, "timeout", "the request's deadline passed while waiting for inference")
+    raise HTTPError(504, "timeout", "the request's deadline passed")
 
 
 # ---------------------------------------------------------------------------------------------- the request
@@ -125,52 +136,54 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
     deadline = time.monotonic() + settings.request_timeout_s
     task_name = query.task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
     request.state.access = {"task": task_name}  # for the access-log line (service.logs)
-    status, admitted, item = 500, False, None
+    status = 500
     try:
-        state.check_admission(deadline)  # a full queue or a draining server answers at once, before the upload
+        if (refused := state.refusal()) is not None:  # before the upload
+            raise refused
         data = await read_upload(request, state, deadline)
-        admission = state.admit(deadline)
-        admitted, spent = True, []  # spent: (seconds, CPU seconds) of each CPU-pool step of this request
-        prepared = await state.before(deadline, "decoding", spent, decode_and_prepare, data, state)
-        decoded = time.perf_counter()
-        request.state.access.update(height=prepared.original_size[0], width=prepared.original_size[1])
-        item = Item(prepared.pixels, prepared.resized_size)
-        result = await wait_for_result(request, state, item, deadline)
-        state.metrics.queue_duration.observe(result.queue_s)
+        timings: dict[str, float] = {}
+        config = state.runner.config
 
-        def post_process_and_encode() -> tuple[bytes, float]:
-            """One CPU step (one turn): the answer, its timings, its JSON -> (body, post-processing seconds)."""
+        def prepare_step() -> pipeline.Prepared:
+            prepared = prepare(data, state)
+            timings["decode_s"] = time.perf_counter() - started
+            return prepared
+
+        def finish_step(prepared: pipeline.Prepared, result: BatchResult) -> bytes:
             t0 = time.perf_counter()
             body = pipeline.answer(
                 task_name,
-                state.runner.config,
+                config,
                 prepared,
                 result.class_logits,
                 result.mask_logits,
                 threshold=query.threshold,
                 overlap_mask_area_threshold=query.overlap_mask_area_threshold,
-                max_instances=min(query.max_instances or settings.max_instances, settings.max_instances),
+                max_instances=query.max_instances or MAX_INSTANCES,
                 png=query.png,
             )
-            post_s = time.perf_counter() - t0
-            body["timings"] = {
-                "decode_s": decoded - started,
-                "queue_s": result.queue_s,
-                "inference_s": result.inference_s,
-                "postprocess_s": post_s,
-                "total_s": time.perf_counter() - started,
-                "batch_size": result.batch_size,
-            }
-            return json.dumps(body).encode(), post_s
+            no_png = query.png and task_name == "instance"
+            body["warnings"] = ["png: instances overlap, so there is no map to return as a PNG"] if no_png else []
+            timings.update(
+                queue_s=result.queue_s, inference_s=result.inference_s, postprocess_s=time.perf_counter() - t0
+            )
+            body["timings"] = {**timings, "total_s": time.perf_counter() - started, "batch_size": result.batch_size}
+            return json.dumps(body).encode()
 
-        # not started past the deadline, and 504 at it; in the place in line its batch took for it
-        content, post_s = await state.before(
-            deadline, "post-processing", spent, post_process_and_encode, ticket=item.ticket
+        size = pipeline.header_size(data)  # (h, w), or None: decoding will say what is wrong
+        job = Job(
+            prepare_step,
+            finish_step,
+            deadline,
+            original_px=0 if size is None else size[0] * size[1],
+            padded_px=0 if size is None else pipeline.padded_pixels(size, config, state.runner.input.size),
         )
-        state.metrics.postprocess_duration.labels(task_name).observe(post_s)
-        request.state.access.update(queue_s=result.queue_s, inference_s=result.inference_s)
-        request.state.access.update(postprocess_s=post_s)
-        state.on_answered(spent, admission)
+        if size is not None:
+            request.state.access.update(height=size[0], width=size[1])
+        content = await wait_for_answer(request, state, job, deadline)
+        state.metrics.queue_duration.observe(timings["queue_s"])
+        state.metrics.postprocess_duration.labels(task_name).observe(timings["postprocess_s"])
+        request.state.access.update({k: timings[k] for k in ("queue_s", "inference_s", "postprocess_s")})
         status = 200
         return Response(content, media_type="application/json")
     except asyncio.CancelledError:  # abandoned at the drain timeout (see answer_unless_abandoned)
@@ -185,10 +198,6 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         status = 500
         return error_response(500, "internal", "inference failed; see the server log")
     finally:
-        if item is not None and item.ticket is not None:
-            state.gate.forget(item.ticket)  # a place in line its batch took for it, unused if it failed first
-        if admitted:
-            state.release()
         state.metrics.requests.labels(task_name, str(status)).inc()
         state.metrics.request_duration.labels(task_name).observe(time.perf_counter() - started)
 
@@ -207,7 +216,7 @@ async def answer_unless_abandoned(request: Request, state: ServiceState, query: 
         return work.result()
     work.cancel()
     with contextlib.suppress(asyncio.CancelledError):
-        await work  # its own accounting (slot, metrics) runs as it unwinds
+        await work  # its own accounting (metrics) runs as it unwinds
     waited = time.perf_counter() - started
     log.warning("drain timeout: abandoned %s %s after %.1f s", request.method, request.url.path, waited)
     state.metrics.rejections.labels("draining").inc()
@@ -236,20 +245,33 @@ def model_info(state: ServiceState) -> dict[str, Any]:
             "size_divisor": pre.size_divisor,
         },
         "defaults": {
-            "threshold": cfg.threshold,
-            "mask_threshold": cfg.mask_threshold,
-            "overlap_mask_area_threshold": cfg.overlap_mask_area_threshold,
-            "max_instances": settings.max_instances,
+            "panoptic": {
+                "threshold": cfg.threshold,
+                "mask_threshold": cfg.mask_threshold,
+                "overlap_mask_area_threshold": cfg.overlap_mask_area_threshold,
+            },
+            # threshold null: no score threshold (the official top-k); things_only: stuff classes are left out
+            "instance": {
+                "threshold": cfg.instance_threshold,
+                "things_only": cfg.instance_thing_ids is not None,
+                "max_instances": MAX_INSTANCES,
+            },
+            # at_input_size: class scores at the padded input size, then resized (the official semantic order)
+            "semantic": {"at_input_size": cfg.semantic_at_input_size},
         },
+        "label_source": cfg.label_source,
         "batching": {
-            "max_batch_size": state.batcher.policy.max_batch_size,
-            # seconds of each measured pass (one per round) by batch size
+            "max_batch_size": state.batch_size,
+            # seconds of each measured pass (one per round) by batch size; empty when max_batch_size was given
             "profile_s": {str(b): ts for b, ts in state.batch_seconds.items()},
-            # the profile's batch size (> 1) checked against served passes: the size in use now, and why
-            "check": None if state.batch_check is None else state.batch_check.describe(),
             "max_batch_delay_ms": settings.max_batch_delay_ms,
-            "bucket_px": settings.bucket_px,
-            "max_queue": settings.max_queue,
+            "cpu_work_between_passes": state.take_turns,
+        },
+        "admission": {
+            "request_timeout_s": settings.request_timeout_s,
+            "memory_mb": settings.memory_mb,
+            "max_pixels": MAX_PIXELS,
+            "max_body_bytes": MAX_BODY_BYTES,
         },
         "runner": runner.describe(),
     }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service.errors import HTTPError
 
@@ -52,6 +53,10 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
             chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, min(left, limits.idle_s)))
         except StopAsyncIteration:
             break
+        except ClientDisconnect:  # the client's doing, not ours: counted as a disconnect, never a 5xx
+            raise HTTPError(
+                499, "disconnected", f"client closed the connection during the upload ({size} bytes)"
+            ) from None
         except asyncio.TimeoutError:
             why = "not sent in time" if left <= limits.idle_s else f"idle for {limits.idle_s:g} s"
             raise HTTPError(408, "upload_timeout", f"request body {why} ({size} bytes received)") from None

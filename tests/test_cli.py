@@ -94,8 +94,9 @@ def test_predict_panoptic_matches_direct_call(tmp_path, checkpoint, image_path):
 
 def test_predict_instance_matches_direct_call(tmp_path, checkpoint, image_path):
     result = run_predict(tmp_path, checkpoint, image_path, "instance", "--max-instances", "7")
-    _, args = model_outputs(checkpoint, image_path)
-    direct = postprocess.instance_segmentation(*args, max_instances=7)[0]
+    model, args = model_outputs(checkpoint, image_path)
+    kwargs = model.config.postprocess_kwargs("instance")
+    direct = postprocess.instance_segmentation(*args, **kwargs, max_instances=7)[0]
     assert len(result["segments"]) == len(direct.masks) <= 7
     for seg, mask, label, score in zip(result["segments"], direct.masks, direct.labels, direct.scores, strict=True):
         np.testing.assert_array_equal(decode(seg), mask)

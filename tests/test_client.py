@@ -65,7 +65,7 @@ def assert_same(result: SegmentationResult, raw: dict) -> None:
 @pytest.fixture(scope="module")
 def server(start_server):
     # Requests wait up to 500 ms for others: the batch tests see concurrent requests grouped.
-    return start_server("--max-batch-size", "4", "--max-batch-delay-ms", "500", "--no-batch-profile")
+    return start_server("--max-batch-size", "4", "--max-batch-delay-ms", "500")
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_parameters_png_and_request_id(server, client):
     data = png_bytes(sample_image(1))
     result = client.segment(data, task="instance", max_instances=3, threshold=0.0, request_id="client-test-1")
     assert_same(result, raw_answer(server, data, task="instance", max_instances="3", threshold="0.0"))
-    assert len(result.segments) == 3 and result.request_id == "client-test-1"
+    assert 1 <= len(result.segments) <= 3 and result.request_id == "client-test-1"  # the things of the top 3
     panoptic = client.segment(data, task="panoptic", png=True, overlap_mask_area_threshold=0.5)
     ids = np.asarray(Image.open(io.BytesIO(panoptic.png))).astype(np.int64)
     ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
@@ -208,13 +208,12 @@ def test_async_client_has_the_same_api(server, image_file):
 
 # ---------------------------------------------------------------------------------------------- retries
 def test_503_retry_after_is_honoured_within_its_budget(start_server):
-    """One slot (max_queue 1) held by a request that waits 1.5 s for its batch to fill. A client without
-    retries gets the 503 queue_full with its Retry-After; one whose wait budget is below Retry-After gives up
-    without waiting; clients with a budget (sync and async at once) retry until admitted and are answered."""
-    server = start_server(
-        "--max-queue", "1", "--max-batch-size", "8", "--max-batch-delay-ms", "1500", "--no-batch-profile"
-    )
-    data = png_bytes(sample_image(3))
+    """A 16 MiB memory budget that one 700x700 image fills (about 12 MiB estimated), held by a request that
+    waits 1.5 s for its batch to fill. A client without retries gets the 503 over_memory with its Retry-After;
+    one whose wait budget is below Retry-After gives up without waiting; clients with a budget (sync and async
+    at once) retry until admitted and are answered."""
+    server = start_server("--memory-mb", "16", "--max-batch-size", "8", "--max-batch-delay-ms", "1500")
+    data = png_bytes(sample_image(3).resize((700, 700)))
     with ThreadPoolExecutor(2) as pool:
         holder = pool.submit(raw_answer, server, data)
         assert server.wait_metric("m2f_inflight_requests", 1) == 1
@@ -222,12 +221,12 @@ def test_503_retry_after_is_honoured_within_its_budget(start_server):
         with Client(server.base, max_retries=0) as impatient, pytest.raises(ServerError) as info:
             impatient.segment(data)
         err = info.value
-        assert (err.status, err.reason, err.attempts) == (503, "queue_full", 1)
+        assert (err.status, err.reason, err.attempts) == (503, "over_memory", 1)
         assert err.retry_after is not None and err.retry_after >= 1 and err.request_id
         with Client(server.base, max_retries=5, max_wait_s=0.5) as short, pytest.raises(ServerError) as info:
             short.segment(data)
-        assert (info.value.reason, info.value.attempts) == ("queue_full", 1)  # Retry-After 1 s > 0.5 s budget
-        refused = server.metric("m2f_rejections_total", reason="queue_full")
+        assert (info.value.reason, info.value.attempts) == ("over_memory", 1)  # Retry-After 1 s > 0.5 s budget
+        refused = server.metric("m2f_rejections_total", reason="over_memory")
         assert refused == 2
 
         async def async_segment():
@@ -241,4 +240,4 @@ def test_503_retry_after_is_honoured_within_its_budget(start_server):
         assert_same(result, raw)
         assert_same(patient_async.result(), raw)
     # Both patient clients were refused at least once while the slot was held, and retried.
-    assert server.metric("m2f_rejections_total", reason="queue_full") >= refused + 2
+    assert server.metric("m2f_rejections_total", reason="over_memory") >= refused + 2

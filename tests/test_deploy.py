@@ -50,7 +50,7 @@ DOCKERFILES = ("Dockerfile.cpu", "Dockerfile.gpu")
 # Kubernetes versions the rendered manifests must be valid for: an older supported one and the newest
 # kubernetes-validate knows.
 K8S_VERSIONS = ("1.30", "latest")
-DRAIN_TIMEOUT_S = 30  # the service's default M2F_DRAIN_TIMEOUT_S, also set in the manifests
+DRAIN_TIMEOUT_S = 30  # the service's default M2F_REQUEST_TIMEOUT_S (the drain's bound), also set in the manifests
 
 # The service's metrics (the contract with service/metrics.py); histograms by their base name.
 COUNTERS = {"m2f_requests_total", "m2f_rejections_total"}
@@ -389,7 +389,7 @@ def test_compose_services():
     assert any(v["target"] == "/models" for v in m2f["volumes"])
     assert m2f["healthcheck"]["test"] == ["CMD", "python", "/opt/m2f/healthcheck.py"]
     grace = re.fullmatch(r"(\d+)s", m2f["stop_grace_period"])
-    assert grace and int(grace.group(1)) > int(m2f["environment"]["M2F_DRAIN_TIMEOUT_S"])
+    assert grace and int(grace.group(1)) > int(m2f["environment"]["M2F_REQUEST_TIMEOUT_S"])
 
     for name in ("prometheus", "grafana"):
         image = services[name]["image"]
@@ -632,7 +632,7 @@ def test_kubernetes_deployment(overlay):
     # Termination: preStop, then the drain, both inside the grace period.
     pre_stop = c["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
-    drain = float(env["M2F_DRAIN_TIMEOUT_S"])
+    drain = float(env["M2F_REQUEST_TIMEOUT_S"])
     assert drain == DRAIN_TIMEOUT_S
     assert pod["spec"]["terminationGracePeriodSeconds"] > int(pre_stop[1]) + drain
 
@@ -665,7 +665,7 @@ def test_kubernetes_deployment(overlay):
     assert image.endswith(f":{overlay}")
     if overlay == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-        assert env["M2F_DEVICE"] == "cuda" and env["M2F_RUNTIME"] == "onnxruntime"
+        assert env["M2F_DEVICE"] == "cuda" and env["M2F_MODEL"].endswith(".onnx")  # ONNX Runtime
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["spec"]["tolerations"])
         assert pod["spec"]["nodeSelector"]
     else:
@@ -801,7 +801,7 @@ def test_prometheus_scrapes_running_service(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
 
     server_cmd = [sys.executable, "-m", "m2f.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server_env = {**os.environ, "PYTHONUNBUFFERED": "1", "M2F_LOG_LEVEL": "warning", "M2F_DRAIN_TIMEOUT_S": "5"}
+    server_env = {**os.environ, "PYTHONUNBUFFERED": "1", "M2F_LOG_LEVEL": "warning", "M2F_REQUEST_TIMEOUT_S": "5"}
     prom_cmd = [
         prometheus,
         f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -884,7 +884,7 @@ def test_prometheus_scrapes_running_service(tmp_path):
         )
         (sample,) = hpa
         queued = float(sample["value"][1])
-        assert math.isfinite(queued) and 0 <= queued < 32, queued  # 32 = M2F_MAX_QUEUE, the most admitted
+        assert math.isfinite(queued) and 0 <= queued < 256, queued  # 256: the most admitted (service.state.MAX_JOBS)
 
         # The recording rules evaluate, and no alert fires on a healthy service.
         ratio = wait_for(

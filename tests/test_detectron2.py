@@ -587,8 +587,10 @@ def test_r50_serves_through_both_runtimes(start_server, r50_pkl, r50_onnx):
     with torch.inference_mode():
         out = model(torch.from_numpy(batch.pixel_values))
     args = (out.class_logits.numpy(), out.mask_logits.numpy(), batch.resized_sizes, batch.original_sizes)
-    semantic = postprocess_numpy.semantic_segmentation(*args)[0]
-    instance = postprocess_numpy.instance_segmentation(*args, threshold=0.0, max_instances=100)[0]
+    cfg = model.config
+    semantic = postprocess_numpy.semantic_segmentation(*args, **cfg.postprocess_kwargs("semantic"))[0]
+    instance_kwargs = {**cfg.postprocess_kwargs("instance"), "max_instances": 100}
+    instance = postprocess_numpy.instance_segmentation(*args, **instance_kwargs)[0]
     for server, exact in ((torch_server, True), (ort_server, False)):
         for task in ("semantic", "instance"):
             r = server.client.post(

@@ -166,7 +166,7 @@ def test_settings_choose_the_runtime_for_the_demo():
     assert (DEMO_DIR / "model.safetensors").is_file()
     default = Settings()
     assert (default.model, default.runtime) == (None, "torch")  # as before when torch is there
-    ort = Settings(runtime="onnxruntime")
+    ort = Settings(model=DEMO_ONNX)  # the runtime follows the file
     assert (ort.model, ort.runtime) == (DEMO_ONNX, "onnxruntime")
 
 

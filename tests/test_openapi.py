@@ -22,8 +22,6 @@ from m2f import synth
 from service.app import create_app
 from service.pipeline import ALLOWED_FORMATS
 
-MAX_BODY = 400_000
-MAX_PIXELS = 1_000_000
 # Every format the decoder accepts, by the media type PIL gives it: the document must list exactly these.
 Image.init()
 IMAGE_FORMATS = {Image.MIME[name]: name for name in sorted(ALLOWED_FORMATS)}
@@ -32,10 +30,7 @@ OTHER_TYPES = ["image/gif", "image/jpg", "image/svg+xml", "image/x-icon", "text/
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server(
-        "--no-batch-profile",
-        env={"M2F_MAX_BODY_BYTES": str(MAX_BODY), "M2F_MAX_PIXELS": str(MAX_PIXELS)},
-    )
+    return start_server("--max-batch-size", "1")
 
 
 def encode(image: Image.Image, fmt: str) -> bytes:

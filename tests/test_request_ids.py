@@ -18,6 +18,7 @@ from PIL import Image
 
 from m2f import synth
 from service import logs
+from service.segment import MAX_BODY_BYTES
 
 HEX_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -31,10 +32,7 @@ def png_bytes(index: int = 0) -> bytes:
 @pytest.fixture(scope="module")
 def server(start_server):
     # Debug level: PIL logs each PNG chunk it reads, in the decode worker thread; those lines must carry the id.
-    return start_server(
-        "--log-format", "json", "--log-level", "debug", "--max-batch-delay-ms", "1",
-        env={"M2F_MAX_BODY_BYTES": "100000"},
-    )  # fmt: skip
+    return start_server("--log-format", "json", "--log-level", "debug", "--max-batch-delay-ms", "1")
 
 
 def segment(server, data: bytes, rid: str | bytes | None = None, **params) -> httpx.Response:
@@ -75,7 +73,7 @@ def test_client_ids_are_kept_when_valid_and_replaced_otherwise(server):
 
 
 def test_every_answer_carries_the_id(server):
-    big = png_bytes() * 20  # over the 100 kB body limit
+    big = bytes(MAX_BODY_BYTES + 1)  # over the body limit
     calls = {
         "segment 200": lambda h: server.client.post("/v1/segment", content=png_bytes(), headers=h),
         "segment 415": lambda h: server.client.post("/v1/segment", content=b"text", headers=h),

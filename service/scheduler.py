@@ -1,0 +1,584 @@
+"""The scheduler: the one owner of what runs next -- admission, the queue, batches, CPU steps and forward passes.
+
+A request is a :class:`Job` of three steps: ``prepare`` (decode and resize, on a CPU worker), its image's share
+of a forward pass (on the inference thread, batched with others), and ``finish`` (post-process and encode, on
+a CPU worker). :meth:`Scheduler.submit` admits a job or refuses it (:class:`Refused`), and returns a future for
+``finish``'s result. Nothing else starts work: every event (a job submitted or cancelled, a step ended, a batch's
+waiting time over) calls :meth:`Scheduler._dispatch`, which starts whatever may start now. All of the scheduler
+runs on the event loop's thread, so its state needs no locks, and the worker threads only run the step they are
+given: they never wait for anything but their own work. Liveness follows from that structure: a step always
+ends, each end calls the dispatcher, and the dispatcher starts work whenever a resource is free and a step is
+ready (the rules below never leave both idle while something is ready).
+
+What runs next: the step of the **oldest** job (admission order) that is ready; a pass counts as old as the
+oldest image in it. Images wait for a pass in buckets of similar padded size (:class:`BatchPolicy`); a bucket
+is ready when it is full or its oldest image has waited ``max_delay_s``.
+
+- ``take_turns`` (a CPU forward pass that uses every core): a pass runs alone. When the oldest ready step is a
+  pass, no newer CPU step starts, and the pass starts as soon as the running ones end. CPU steps run
+  together, up to ``cpu_workers`` at once. Beside a pass they would take cores from it, and it slows by more
+  than they gain (BENCHMARKS.md).
+- otherwise (a GPU, or fewer intra-op threads than cores): passes and CPU steps run side by side; each
+  resource takes its oldest ready step.
+
+Admission (:meth:`Scheduler.refusal`): a job is refused (503, with a Retry-After) unless everything admitted
+before it, and it, is predicted to end before its deadline, and its memory fits the budget with the jobs
+already in. The prediction is the sum of the jobs' remaining steps (with the pass on an accelerator, the CPU
+steps divided among the CPU workers), each from its image's size: decode and post-processing scale with the
+original pixels, the pass with the padded input pixels. The seconds per
+pixel are measured on every step served (seeded at start-up): a slower step raises them at once, faster
+steps lower them gradually. A job that
+alone is over the budget can never be served: 413. Work past a job's deadline stops at the next step
+boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("m2f.service")
+
+Size = tuple[int, int]
+Outputs = tuple[np.ndarray, np.ndarray]  # class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)
+
+ALPHA = 0.2  # weight of the newest step in the measured seconds per pixel, when it is faster than the estimate
+# A job is admitted only if twice its predicted time fits before its deadline: what the prediction cannot see
+# (other processes on the cores, the event loop reading a burst of uploads) slowed passes 3-10x at the start
+# of a burst of 64 local clients on 2 cores, before the estimate caught up.
+MARGIN = 2.0
+
+
+class Refused(Exception):
+    """Not admitted: ``status`` 503 (over capacity for now; retry after ``retry_after_s``) or 413 (never fits)."""
+
+    def __init__(self, status: int, reason: str, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.status, self.reason, self.message, self.retry_after_s = status, reason, message, retry_after_s
+
+
+class Expired(Exception):
+    """The job's deadline passed before ``step`` could start: it was dropped there."""
+
+    def __init__(self, step: str):
+        super().__init__(f"the request's deadline passed before {step}")
+        self.step = step
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """An image's share of a forward pass."""
+
+    class_logits: np.ndarray  # (Q, K+1)
+    mask_logits: np.ndarray  # (Q, Hp/4, Wp/4), Hp x Wp the batch's padded size
+    batch_size: int  # images in the batch (without filler images of a fixed-batch graph)
+    queue_s: float  # ready for the pass -> the pass started
+    inference_s: float  # the pass
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a job is expected to take: seconds of each step, and bytes held while it is in."""
+
+    decode_s: float
+    forward_s: float
+    post_s: float
+    bytes: int
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work. ``prepare() -> Prepared`` (``.pixels`` (3, h, w) float32 padded to the size divisor,
+    ``.resized_size``) and ``finish(prepared, BatchResult) -> answer`` run on CPU workers; the answer is the
+    result of the future :meth:`Scheduler.submit` returns."""
+
+    prepare: Callable[[], Any]
+    finish: Callable[[Any, BatchResult], Any]
+    deadline: float  # time.monotonic()
+    original_px: int  # decoded pixels (from the image's header; drive decode and post-processing)
+    padded_px: int  # pixels of the model input it will take
+    cost: Cost | None = None  # set at admission
+    seq: int = 0  # admission order
+    step: str = "decode"  # the next step: decode, pass, post; "done" once it left the scheduler
+    running: bool = False  # its step runs now
+    prepared: Any = None
+    result: BatchResult | None = None
+    ready_at: float = 0.0  # when it became ready for the pass
+    future: asyncio.Future | None = None
+
+
+# ---------------------------------------------------------------------------------------------- batches
+@dataclass(eq=False)
+class Item:
+    """One image waiting for a pass."""
+
+    pixels: np.ndarray  # (3, h, w) float32, normalized; h, w multiples of the size divisor
+    resized_size: Size  # (h, w) of the image inside ``pixels`` (the rest is padding)
+    enqueued: float = 0.0  # clock time of ``BatchPolicy.add``
+    seq: int = 0  # its job's admission order (older goes first)
+    job: Any = None
+
+
+class BatchPolicy:
+    """Which waiting images go into the next pass; synchronous, no clock of its own.
+
+    Images are grouped by bucket: their padded size rounded up to ``bucket_px`` per side, so a small image
+    never waits in (or pads to) a batch of large ones; a batch pads to its largest member. A fixed-shape
+    graph has one bucket, its shape. A bucket is ready when it holds ``max_batch_size`` images or its oldest
+    has waited ``max_delay_s``; of the ready buckets the one holding the oldest image (``seq``) goes first.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_delay_s: float,
+        bucket_px: int = 128,
+        size_divisor: int = 32,
+        fixed_size: Size | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_s < 0:
+            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.bucket_px = max(bucket_px, 1)
+        self.size_divisor = max(size_divisor, 1)
+        self.fixed_size = fixed_size
+        self._buckets: dict[Size, list[Item]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(items) for items in self._buckets.values())
+
+    def bucket(self, height: int, width: int) -> Size:
+        """The bucket of an image whose padded size is ``height`` x ``width``."""
+        if self.fixed_size is not None:
+            return self.fixed_size
+        step = self.bucket_px
+        return -(-height // step) * step, -(-width // step) * step
+
+    def add(self, item: Item, now: float) -> None:
+        h, w = item.pixels.shape[1:]
+        if self.fixed_size is not None and (h > self.fixed_size[0] or w > self.fixed_size[1]):
+            raise ValueError(f"image of {h}x{w} does not fit the graph's fixed {self.fixed_size}")
+        item.enqueued = now
+        self._buckets.setdefault(self.bucket(h, w), []).append(item)
+
+    def remove(self, item: Item) -> bool:
+        """Take a waiting image out; False if it is not waiting."""
+        key = self.bucket(*item.pixels.shape[1:])
+        items = self._buckets.get(key, [])
+        if item not in items:
+            return False
+        items.remove(item)
+        if not items:
+            del self._buckets[key]
+        return True
+
+    def _ready_key(self, now: float) -> Size | None:
+        n = self.max_batch_size
+        ready = [
+            (min(it.seq for it in items[:n]), key)
+            for key, items in self._buckets.items()
+            if len(items) >= n or now >= items[0].enqueued + self.max_delay_s
+        ]
+        return min(ready)[1] if ready else None
+
+    def peek(self, now: float) -> list[Item] | None:
+        """The images of the next batch (left in place), or None when no bucket is ready."""
+        key = self._ready_key(now)
+        return None if key is None else self._buckets[key][: self.max_batch_size]
+
+    def next_batch(self, now: float) -> list[Item] | None:
+        """The images of the next batch, removed from the policy, or None when no bucket is ready."""
+        key = self._ready_key(now)
+        if key is None:
+            return None
+        items = self._buckets[key]
+        batch, rest = items[: self.max_batch_size], items[self.max_batch_size :]
+        if rest:
+            self._buckets[key] = rest
+        else:
+            del self._buckets[key]
+        return batch
+
+    def next_deadline(self) -> float | None:
+        """Clock time at which a bucket becomes ready by waiting, or None when nothing waits."""
+        if not self._buckets:
+            return None
+        return min(items[0].enqueued for items in self._buckets.values()) + self.max_delay_s
+
+    def padded_size(self, batch: list[Item]) -> Size:
+        """(H, W) the batch pads to: the fixed size, or its largest image rounded to the size divisor."""
+        if self.fixed_size is not None:
+            return self.fixed_size
+        d = self.size_divisor
+        h = max(it.pixels.shape[1] for it in batch)
+        w = max(it.pixels.shape[2] for it in batch)
+        return -(-h // d) * d, -(-w // d) * d
+
+
+def assemble(batch: list[Item], size: Size, batch_size: int | None = None) -> np.ndarray:
+    """Stack images into one zero-padded (B, 3, H, W) array; ``batch_size`` pads with zero images too."""
+    n = max(len(batch), batch_size or 0)
+    out = np.zeros((n, 3, *size), dtype=np.float32)
+    for i, it in enumerate(batch):
+        _, h, w = it.pixels.shape
+        out[i, :, :h, :w] = it.pixels
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- costs
+@dataclass
+class Rates:
+    """Measured seconds per pixel of each step (moving averages), and the bytes a job holds per pixel."""
+
+    decode_s_per_px: float  # per original pixel
+    forward_s_per_px: float  # per padded input pixel, per image, at the batch sizes served
+    post_s_per_px: float  # per original pixel
+    bytes_per_original_px: float = 24.0  # decoded RGB, the label map, the strips of post-processing
+    bytes_per_padded_px: float = 16.0  # the normalized input (12) and its share of the mask logits
+
+    def cost(self, original_px: int, padded_px: int) -> Cost:
+        return Cost(
+            decode_s=self.decode_s_per_px * original_px,
+            forward_s=self.forward_s_per_px * padded_px,
+            post_s=self.post_s_per_px * original_px,
+            bytes=int(self.bytes_per_original_px * original_px + self.bytes_per_padded_px * padded_px),
+        )
+
+    def observe(self, step: str, seconds: float, px: int) -> None:
+        """A step took ``seconds`` for ``px`` pixels: a slower step is taken at once (the machine is busier),
+        a faster one moves the estimate by ``ALPHA`` (one fast moment does not open the doors)."""
+        name = {"decode": "decode_s_per_px", "pass": "forward_s_per_px", "post": "post_s_per_px"}[step]
+        old, new = getattr(self, name), seconds / max(px, 1)
+        setattr(self, name, new if new > old else (1 - ALPHA) * old + ALPHA * new)
+
+
+# ---------------------------------------------------------------------------------------------- the scheduler
+@dataclass
+class Stats:
+    """What the scheduler holds now (for metrics and /v1/model)."""
+
+    admitted: int = 0  # jobs in, not yet done
+    waiting_for_pass: int = 0
+    bytes: int = 0  # the admitted jobs' memory estimate
+    passes: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # jobs ended, by how
+
+
+class Scheduler:
+    """Admits jobs and runs their steps (see the module docstring).
+
+    Args:
+        run: (B, 3, H, W) float32 -> (class_logits, mask_logits): the runtime, called on ``infer_pool``.
+        policy: the batch policy.
+        infer_pool: a one-thread executor for passes; ``cpu_pool``: ``cpu_workers`` threads for CPU steps.
+        take_turns: whether passes run alone (see the module docstring).
+        cores_shared: whether passes run on the CPU cores the CPU steps use (admission adds up their seconds).
+        rates: the seeded seconds per pixel (updated from every step served).
+        max_jobs: jobs admitted at once at most; ``memory_bytes``: their memory estimate at most.
+        fixed_batch: the graph's fixed batch size, if any (batches are padded with zero images).
+        on_pass: called with (images, seconds) after each pass (metrics).
+        clock: ``time.monotonic`` (what deadlines are in).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], Outputs],
+        policy: BatchPolicy,
+        infer_pool: Executor,
+        cpu_pool: Executor,
+        cpu_workers: int,
+        take_turns: bool,
+        cores_shared: bool,
+        rates: Rates,
+        max_jobs: int,
+        memory_bytes: int,
+        fixed_batch: int | None = None,
+        on_pass: Callable[[int, float], None] = lambda n, s: None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.run, self.policy = run, policy
+        self.infer_pool, self.cpu_pool, self.cpu_workers = infer_pool, cpu_pool, max(cpu_workers, 1)
+        self.take_turns, self.cores_shared = take_turns, cores_shared
+        self.rates = rates
+        self.max_jobs, self.memory_bytes = max_jobs, memory_bytes
+        self.fixed_batch = fixed_batch
+        self.on_pass = on_pass
+        self.clock = clock
+        self._order = itertools.count()
+        self._jobs: set[Job] = set()  # admitted, not done
+        self._cpu_ready: list[tuple[int, Job]] = []  # heap by admission order: jobs whose next step is CPU work
+        self._items: dict[Job, Item] = {}  # jobs waiting in the policy
+        self._cpu_running = 0
+        self._pass_running = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+        self.counts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ admission
+    def _ahead_s(self, jobs: Any) -> float:
+        """Seconds until ``jobs`` are all done, from their remaining steps."""
+        cpu = forward = 0.0
+        for job in jobs:
+            c = job.cost
+            if job.step == "decode":
+                cpu += c.decode_s
+            if job.step in ("decode", "pass"):
+                forward += c.forward_s
+            cpu += c.post_s
+        if self.cores_shared:
+            return forward + cpu  # every step on the same cores: their seconds add up, in turns or not
+        return forward + cpu / self.cpu_workers  # passes on the accelerator, CPU steps side by side
+
+    def retry_after_s(self) -> float:
+        """Seconds until the jobs admitted now are likely done (1..60)."""
+        return min(max(self._ahead_s(self._jobs), 1.0), 60.0)
+
+    def refusal(self, job: Job | None = None) -> Refused | None:
+        """Why ``job`` (its cost set) cannot be admitted now, or None. Without a job: whether any job would be
+        refused now (the queue is full), before its image has been read."""
+        if self._closed:
+            return Refused(503, "draining", "the server is shutting down")
+        if len(self._jobs) >= self.max_jobs:
+            return Refused(503, "queue_full", f"{len(self._jobs)} requests are queued", self.retry_after_s())
+        if job is None:
+            return None
+        cost = job.cost
+        if cost.bytes > self.memory_bytes:
+            return Refused(
+                413,
+                "too_large",
+                f"the image needs about {cost.bytes / 2**20:.0f} MiB to serve, over the server's memory budget of "
+                f"{self.memory_bytes / 2**20:.0f} MiB",
+            )
+        held = sum(j.cost.bytes for j in self._jobs)
+        if held + cost.bytes > self.memory_bytes:
+            return Refused(
+                503,
+                "over_memory",
+                f"requests in progress hold about {held / 2**20:.0f} MiB of the {self.memory_bytes / 2**20:.0f} MiB "
+                f"memory budget; this image needs {cost.bytes / 2**20:.0f} MiB",
+                self.retry_after_s(),
+            )
+        predicted = self._ahead_s([*self._jobs, job])
+        left = job.deadline - self.clock()
+        if MARGIN * predicted > left:
+            alone = self._ahead_s([job])
+            if MARGIN * alone > left:
+                why = f"this image alone is predicted to take {alone:.1f} s, past its deadline ({left:.1f} s left)"
+            else:
+                why = f"{len(self._jobs)} requests are queued; this one would be answered in about {predicted:.1f} s"
+            return Refused(503, "queue_full", why, self.retry_after_s())
+        return None
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Admit ``job`` (raises :class:`Refused`) and return the future of its answer. The future fails with the
+        step's exception, :class:`Expired`, or ``RuntimeError`` when the scheduler closes first."""
+        job.cost = self.rates.cost(job.original_px, job.padded_px)
+        if (refused := self.refusal(job)) is not None:
+            raise refused
+        job.seq = next(self._order)
+        job.future = asyncio.get_running_loop().create_future()
+        self._jobs.add(job)
+        heapq.heappush(self._cpu_ready, (job.seq, job))
+        self._dispatch()
+        return job.future
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job`` (its client left, or its deadline passed): no later step of it starts. A step that runs
+        now ends in its thread, and its result is dropped."""
+        if job.step == "done":
+            return
+        if (item := self._items.pop(job, None)) is not None:
+            self.policy.remove(item)
+        self._end(job, "cancelled", None)
+        self._dispatch()
+
+    def close(self) -> None:
+        """Admit nothing more and end every job with a 503 ``draining`` :class:`Refused` (a step that runs now ends
+        in its thread, and its result is dropped)."""
+        self._closed = True
+        for job in list(self._jobs):
+            if (item := self._items.pop(job, None)) is not None:
+                self.policy.remove(item)
+            self._end(job, "closed", Refused(503, "draining", "the server shut down before this request was answered"))
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def stats(self) -> Stats:
+        return Stats(
+            admitted=len(self._jobs),
+            waiting_for_pass=len(self.policy),
+            bytes=sum(j.cost.bytes for j in self._jobs),
+            counts=dict(self.counts),
+        )
+
+    # ------------------------------------------------------------------ what runs next
+    def _end(self, job: Job, how: str, outcome: Any, ok: bool = False) -> None:
+        """The job leaves the scheduler: its future gets ``outcome`` (a result if ``ok``, else an exception)."""
+        if job.step == "done":
+            return
+        job.step = "done"
+        self._jobs.discard(job)
+        self.counts[how] = self.counts.get(how, 0) + 1
+        fut = job.future
+        if fut is not None and not fut.done():
+            if ok:
+                fut.set_result(outcome)
+            elif outcome is None:
+                fut.cancel()
+            else:
+                fut.set_exception(outcome)
+
+    def _oldest_cpu(self, now: float) -> Job | None:
+        """The oldest job whose next step is CPU work and may start (expired ones are dropped on the way)."""
+        while self._cpu_ready:
+            _, job = self._cpu_ready[0]
+            if job.step == "done":
+                heapq.heappop(self._cpu_ready)
+            elif now >= job.deadline:
+                heapq.heappop(self._cpu_ready)
+                self._end(job, "expired", Expired("decoding" if job.step == "decode" else "post-processing"))
+            else:
+                return job
+        return None
+
+    def _next_batch_seq(self, now: float) -> int | None:
+        """Admission order of the oldest image of the next ready batch (expired images are dropped first)."""
+        for job, item in list(self._items.items()):
+            if now >= job.deadline:
+                del self._items[job]
+                self.policy.remove(item)
+                self._end(job, "expired", Expired("inference"))
+        batch = self.policy.peek(now)
+        return None if batch is None else min(it.seq for it in batch)
+
+    def _dispatch(self) -> None:
+        """Start every step that may start now (see the module docstring). The only place work starts."""
+        if self._closed:
+            return
+        now = self.clock()
+        while True:
+            cpu = self._oldest_cpu(now)
+            batch_seq = None if self._pass_running else self._next_batch_seq(now)
+            cpu_free = self._cpu_running < self.cpu_workers
+            if self.take_turns:
+                if self._pass_running:
+                    break
+                if batch_seq is not None and (cpu is None or batch_seq < cpu.seq):
+                    if self._cpu_running == 0:
+                        self._start_pass(now)
+                    break  # the pass is next: no newer CPU step starts before it
+                if cpu is not None and cpu_free:
+                    self._start_cpu(cpu)
+                    continue
+                break
+            started = False
+            if batch_seq is not None:
+                self._start_pass(now)
+                started = True
+            if cpu is not None and cpu_free:
+                self._start_cpu(cpu)
+                started = True
+            if not started:
+                break
+        self._arm_timer(now)
+
+    def _arm_timer(self, now: float) -> None:
+        """Call the dispatcher again when a waiting bucket becomes ready by waiting."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        when = self.policy.next_deadline()
+        if when is not None and not self._pass_running and when > now:
+            self._timer = asyncio.get_running_loop().call_later(when - now, self._dispatch)
+
+    def _start_cpu(self, job: Job) -> None:
+        heapq.heappop(self._cpu_ready)
+        step = job.step
+        job.running = True
+        self._cpu_running += 1
+        if step == "decode":
+            fn, args, px = job.prepare, (), job.original_px
+        else:
+            fn, args, px = job.finish, (job.prepared, job.result), job.original_px
+        work = asyncio.get_running_loop().run_in_executor(self.cpu_pool, _timed, fn, *args)
+        work.add_done_callback(lambda f: self._cpu_done(job, step, px, f))
+
+    def _cpu_done(self, job: Job, step: str, px: int, work: asyncio.Future) -> None:
+        self._cpu_running -= 1
+        job.running = False
+        if work.cancelled():
+            self._end(job, "failed", RuntimeError("the server is shutting down"))
+        elif (error := work.exception()) is not None:
+            self._end(job, "failed", error)
+        else:
+            value, seconds = work.result()
+            self.rates.observe(step, seconds, px)
+            if job.step == "done":  # cancelled while it ran: the result is dropped
+                pass
+            elif step == "decode":
+                job.prepared, job.step, job.ready_at = value, "pass", self.clock()
+                item = Item(value.pixels, value.resized_size, seq=job.seq, job=job)
+                try:
+                    self.policy.add(item, self.clock())
+                    self._items[job] = item
+                except ValueError as e:  # does not fit a fixed-shape graph
+                    self._end(job, "failed", e)
+            else:
+                self._end(job, "answered", value, ok=True)
+        self._dispatch()
+
+    def _start_pass(self, now: float) -> None:
+        batch = self.policy.next_batch(now)
+        for it in batch:
+            del self._items[it.job]
+            it.job.running = True
+        size = self.policy.padded_size(batch)
+        self._pass_running = True
+        started = self.clock()
+        work = asyncio.get_running_loop().run_in_executor(
+            self.infer_pool, _timed, lambda: self.run(assemble(batch, size, self.fixed_batch))
+        )
+        work.add_done_callback(lambda f: self._pass_done(batch, size, started, f))
+
+    def _pass_done(self, batch: list[Item], size: Size, started: float, work: asyncio.Future) -> None:
+        self._pass_running = False
+        jobs = [it.job for it in batch]
+        for job in jobs:
+            job.running = False
+        if work.cancelled() or work.exception() is not None:
+            error = RuntimeError("the server is shutting down") if work.cancelled() else work.exception()
+            if not work.cancelled():
+                log.error("a batch of %d failed: %s", len(batch), error, exc_info=error)
+            for job in jobs:
+                self._end(job, "failed", error)
+        else:
+            (class_logits, mask_logits), seconds = work.result()
+            self.rates.observe("pass", seconds / len(batch), size[0] * size[1])
+            self.on_pass(len(batch), seconds)
+            for i, job in enumerate(jobs):
+                if job.step == "done":
+                    continue
+                job.result = BatchResult(class_logits[i], mask_logits[i], len(batch), started - job.ready_at, seconds)
+                job.step = "post"
+                heapq.heappush(self._cpu_ready, (job.seq, job))
+        self._dispatch()
+
+
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``fn(*args)`` and the seconds it took (in the worker thread)."""
+    t0 = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - t0
