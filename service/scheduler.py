@@ -35,6 +35,7 @@ boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
@@ -133,8 +134,9 @@ class BatchPolicy:
 
     Images are grouped by bucket: their padded size rounded up to ``bucket_px`` per side, so a small image
     never waits in (or pads to) a batch of large ones; a batch pads to its largest member. A fixed-shape
-    graph has one bucket, its shape. A bucket is ready when it holds ``max_batch_size`` images or its oldest
-    has waited ``max_delay_s``; of the ready buckets the one holding the oldest image (``seq``) goes first.
+    graph has one bucket, its shape. A bucket keeps its images in admission order (``seq``) and is ready when it
+    holds ``max_batch_size`` images or one has waited ``max_delay_s``; of the ready buckets the one holding the
+    oldest image goes first, and a batch takes a bucket's oldest images.
     """
 
     def __init__(
@@ -171,7 +173,7 @@ class BatchPolicy:
         if self.fixed_size is not None and (h > self.fixed_size[0] or w > self.fixed_size[1]):
             raise ValueError(f"image of {h}x{w} does not fit the graph's fixed {self.fixed_size}")
         item.enqueued = now
-        self._buckets.setdefault(self.bucket(h, w), []).append(item)
+        bisect.insort(self._buckets.setdefault(self.bucket(h, w), []), item, key=lambda it: it.seq)  # oldest first
 
     def remove(self, item: Item) -> bool:
         """Take a waiting image out; False if it is not waiting."""
@@ -187,9 +189,9 @@ class BatchPolicy:
     def _ready_key(self, now: float) -> Size | None:
         n = self.max_batch_size
         ready = [
-            (min(it.seq for it in items[:n]), key)
+            (items[0].seq, key)
             for key, items in self._buckets.items()
-            if len(items) >= n or now >= items[0].enqueued + self.max_delay_s
+            if len(items) >= n or now >= min(it.enqueued for it in items) + self.max_delay_s
         ]
         return min(ready)[1] if ready else None
 
@@ -215,7 +217,7 @@ class BatchPolicy:
         """Clock time at which a bucket becomes ready by waiting, or None when nothing waits."""
         if not self._buckets:
             return None
-        return min(items[0].enqueued for items in self._buckets.values()) + self.max_delay_s
+        return min(it.enqueued for items in self._buckets.values() for it in items) + self.max_delay_s
 
     def padded_size(self, batch: list[Item]) -> Size:
         """(H, W) the batch pads to: the fixed size, or its largest image rounded to the size divisor."""

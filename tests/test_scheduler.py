@@ -175,7 +175,7 @@ def test_a_cancelled_job_runs_no_later_step():
 def test_work_past_its_deadline_stops_at_the_next_step_boundary():
     async def go():
         cores = Cores(pass_s=(0.3, 0.3))
-        s = scheduler(cores, max_batch=1)
+        s = scheduler(cores, turns=True, max_batch=1)  # both decoded before the first pass: the older goes first
         finished: list = []
         futures = [s.submit(make_job(cores, later(0.2), value=v, finished=finished)) for v in (1.0, 2.0)]
         results = await asyncio.gather(*futures, return_exceptions=True)

@@ -62,8 +62,8 @@ async function loadModelInfo() {
     $("model").textContent = `${info.name} · ${info.runtime}`;
     if (!state.file) $("task").value = info.default_task;
     state.defaults = info.defaults;
-    $("overlap_mask_area_threshold").placeholder = String(info.defaults.overlap_mask_area_threshold);
-    $("max_instances").placeholder = String(info.defaults.max_instances);
+    $("overlap_mask_area_threshold").placeholder = String(info.defaults.panoptic.overlap_mask_area_threshold);
+    $("max_instances").placeholder = String(info.defaults.instance.max_instances);
     taskChanged();
   } catch (e) {
     $("model").textContent = `model info unavailable (${e.message})`;
@@ -76,7 +76,9 @@ function taskChanged() {
   $("overlap_mask_area_threshold").disabled = task !== "panoptic";
   $("max_instances").disabled = task !== "instance";
   $("threshold").disabled = task === "semantic";
-  if (state.defaults) $("threshold").placeholder = task === "instance" ? "0" : String(state.defaults.threshold);
+  // instance: null means no score threshold (the official top-k)
+  const threshold = state.defaults && state.defaults[task] ? state.defaults[task].threshold : undefined;
+  if (state.defaults) $("threshold").placeholder = threshold === null || threshold === undefined ? "none" : String(threshold);
 }
 
 // ------------------------------------------------------------------------------------------- request
