@@ -1,14 +1,13 @@
-"""The HTTP service: thin FastAPI routes over the service state, the batcher and the pipeline.
+"""The HTTP service: thin FastAPI routes over the service state, the scheduler and the pipeline.
 
 ``create_app(settings)`` builds the app; the model loads and warms up in the background after start-up
 (``/healthz`` answers at once, ``/readyz`` once the model is ready; :meth:`service.state.ServiceState.start`).
-A segmentation request goes through the steps of :mod:`service.segment`: upload under its own limits,
-admission by measured capacity (:mod:`service.state`), decoding, the batch, post-processing and encoding,
-all within one deadline. Errors are answered in the JSON format of :mod:`service.errors`.
+A segmentation request goes through :func:`service.segment.answer`: upload under its own limits, then the
+scheduler (:mod:`service.scheduler`) admits it by predicted work and memory and runs its decoding, its share
+of a batch, post-processing and encoding, all within one deadline. Errors are answered in the JSON format of :mod:`service.errors`.
 
 On SIGTERM (see :mod:`service.server`, which runs it with uvicorn) the service stops admitting (503 ``draining``,
-``/readyz`` 503) and finishes what it accepted before exiting; at ``drain_timeout_s`` whatever is still open gets
-a JSON 503 ``draining``.
+``/readyz`` 503) and finishes what it accepted before exiting (each request ends by its deadline).
 """
 
 from __future__ import annotations

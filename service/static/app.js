@@ -267,7 +267,8 @@ function layoutLabels() {
     seg.labelEl.style.left = `${(100 * left) / state.width}%`;
     seg.labelEl.style.top = `${(100 * top) / state.height}%`;
   });
-  for (const i of state.order) if (state.segments[i].labelEl) $("labels").append(state.segments[i].labelEl); // score order
+  // score order; an empty mask (an instance pair kept at score 0, as the official top-k keeps it) has no label
+  for (const i of state.order) if (state.segments[i].labelEl && state.segments[i].mask.area) $("labels").append(state.segments[i].labelEl);
 }
 
 // ------------------------------------------------------------------------------------------- interaction
