@@ -103,7 +103,7 @@ async def burst(base: str, data: list[bytes], requests: int, connections: int, t
                 )
                 key = f"{r.status_code} {r.json()['error']['reason']}" if r.status_code != 200 else "200"
                 counts[key] += 1
-                if r.status_code == 503 and (wait := retry_after_s(r.headers.get("Retry-After"))) is not None:
+                if r.status_code == 503 and (wait := retry_after_s(r)) is not None:
                     await asyncio.sleep(min(wait, 1.0))  # as a client would, but do not let a burst idle long
             except httpx.TimeoutException:
                 counts["stuck"] += 1
@@ -119,6 +119,13 @@ async def burst(base: str, data: list[bytes], requests: int, connections: int, t
     async with httpx.AsyncClient(base_url=base, timeout=timeout_s, limits=limits) as client:
         await asyncio.gather(*(connection(client) for _ in range(connections)))
     return {"counts": dict(counts), "longest_stall_s": round(longest_stall, 3), "seconds": time.monotonic() - started}
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,9 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         total.update(r["counts"])
     summary = {
         "date": datetime.date.today().isoformat(),
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "cpus": os.cpu_count(),
-        "source": str(args.source),
+        "commit": subprocess.run(
+            ["git", "-C", str(args.source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
         "env": env,
         "args": args.args,
         "bursts": len(results),

@@ -26,8 +26,10 @@ before it, and it, is predicted to end before its deadline, and its memory fits 
 already in. The prediction is the sum of the jobs' remaining steps (with the pass on an accelerator, the CPU
 steps divided among the CPU workers), each from its image's size: decode and post-processing scale with the
 original pixels, the pass with the padded input pixels. The seconds per
-pixel are measured on every step served (seeded at start-up): a slower step raises them at once, faster
-steps lower them gradually. A job that
+pixel are measured on every step served (seeded at start-up): a pass by its wall time (it uses every core),
+a CPU step by its thread's CPU time (its wall time beside a pass or another step counts the waiting for a
+core, which the sum would count twice); a slower step raises them at once, faster steps lower them
+gradually. A job that
 alone is over the budget can never be served: 413. Work past a job's deadline stops at the next step
 boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
 """
@@ -526,8 +528,8 @@ class Scheduler:
         elif (error := work.exception()) is not None:
             self._end(job, "failed", error)
         else:
-            value, seconds = work.result()
-            self.rates.observe(step, seconds, px)
+            value, _, cpu_s = work.result()
+            self.rates.observe(step, cpu_s, px)
             if job.step == "done":  # cancelled while it ran: the result is dropped
                 pass
             elif step == "decode":
@@ -567,7 +569,7 @@ class Scheduler:
             for job in jobs:
                 self._end(job, "failed", error)
         else:
-            (class_logits, mask_logits), seconds = work.result()
+            (class_logits, mask_logits), seconds, _ = work.result()
             self.rates.observe("pass", seconds / len(batch), size[0] * size[1])
             self.on_pass(len(batch), seconds)
             for i, job in enumerate(jobs):
@@ -579,8 +581,8 @@ class Scheduler:
         self._dispatch()
 
 
-def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``fn(*args)`` and the seconds it took (in the worker thread)."""
-    t0 = time.perf_counter()
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float, float]:
+    """``fn(*args)``, the seconds it took and its thread's CPU seconds (in the worker thread)."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     value = fn(*args)
-    return value, time.perf_counter() - t0
+    return value, time.perf_counter() - t0, time.thread_time() - c0

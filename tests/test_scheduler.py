@@ -274,8 +274,9 @@ def test_measured_steps_update_the_seconds_per_pixel():
         s = scheduler(cores, max_batch=1)
         for _ in range(10):
             await s.submit(make_job(cores, later(5), h=100, w=100))
-        assert s.rates.forward_s_per_px == pytest.approx(0.05 / 10_000, rel=0.5)
-        assert s.rates.decode_s_per_px == pytest.approx(0.01 / 10_000, rel=0.5)
+        assert s.rates.forward_s_per_px == pytest.approx(0.05 / 10_000, rel=0.5)  # a pass: its wall time
+        # a CPU step: its thread's CPU time; these sleep, so it is about nothing (waiting is not work)
+        assert s.rates.decode_s_per_px < 0.002 / 10_000 and s.rates.post_s_per_px < 0.002 / 10_000
 
     asyncio.run(go())
 
