@@ -2,7 +2,7 @@
 
 :func:`answer` is the whole request:
 
-1. refused at once (503) while draining, loading, or with the queue full (:meth:`ServiceState.refusal`);
+1. refused at once (503) while draining, loading, or with the queue full (:func:`refusal`);
 2. :func:`read_upload` reads the body (raw JPEG, PNG, WebP, BMP, TIFF or octet-stream, or a multipart field
    ``image``; else 415) under the upload limits, not the compute ones (:mod:`service.uploads`): at most
    ``MAX_UPLOADS`` bodies at once (503), within the request's deadline and never idle for ``UPLOAD_IDLE_S``
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -36,7 +37,7 @@ from service import pipeline
 from service.errors import HTTPError, error_response
 from service.scheduler import BatchResult, Expired, Job, Refused
 from service.schemas import Task
-from service.state import ServiceState, as_http_error
+from service.state import ServiceState
 from service.uploads import UploadLimits, image_bytes
 
 log = logging.getLogger("m2f.service")
@@ -69,6 +70,24 @@ class SegmentQuery:
 
 
 # ---------------------------------------------------------------------------------------------- steps
+def refusal(state: ServiceState) -> HTTPError | None:
+    """The 503 a request gets at once, before its image is read: draining, loading, or the queue full."""
+    if state.draining:
+        return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
+    if not state.ready:
+        if state.load_error is not None:
+            return HTTPError(503, "not_ready", f"the model failed to load: {state.load_error}")
+        return HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+    refused = state.scheduler.refusal()
+    return None if refused is None else as_http_error(refused)
+
+
+def as_http_error(refused: Refused) -> HTTPError:
+    """The scheduler's refusal as the HTTP error answered (503 with Retry-After, or 413)."""
+    headers = {"Retry-After": str(math.ceil(refused.retry_after_s))} if refused.status == 503 else {}
+    return HTTPError(refused.status, refused.reason, refused.message, headers)
+
+
 async def read_upload(request: Request, state: ServiceState, deadline: float) -> bytes:
     """The image bytes, read under the upload limits (at most ``MAX_UPLOADS`` at once, else 503
     ``too_many_uploads``), within the request's deadline."""
@@ -138,7 +157,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
     request.state.access = {"task": task_name}  # for the access-log line (service.logs)
     status = 500
     try:
-        if (refused := state.refusal()) is not None:  # before the upload
+        if (refused := refusal(state)) is not None:  # before the upload
             raise refused
         data = await read_upload(request, state, deadline)
         timings: dict[str, float] = {}

@@ -25,10 +25,9 @@ from runtimes import Runner, open_runner, typical_size
 from runtimes.runner import available_cpus
 from service import pipeline
 from service.batching import choose_batch_size, describe_profile, profile_batches
-from service.errors import HTTPError
 from service.logs import ContextThreadPoolExecutor
 from service.metrics import Metrics
-from service.scheduler import BatchPolicy, Rates, Refused, Scheduler
+from service.scheduler import BatchPolicy, Rates, Scheduler
 from service.settings import Settings
 
 log = logging.getLogger("m2f.service")
@@ -179,24 +178,6 @@ class ServiceState:
             self.scheduler.close()
         self.infer_pool.shutdown(wait=True, cancel_futures=True)
         self.cpu_pool.shutdown(wait=True, cancel_futures=True)
-
-    # ------------------------------------------------------------------ admission
-    def refusal(self) -> HTTPError | None:
-        """The 503 a request would get now before its image is read (draining, not ready, queue full), or None."""
-        if self.draining:
-            return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
-        if not self.ready:
-            if self.load_error is not None:
-                return HTTPError(503, "not_ready", f"the model failed to load: {self.load_error}")
-            return HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
-        refused = self.scheduler.refusal()
-        return None if refused is None else as_http_error(refused)
-
-
-def as_http_error(refused: Refused) -> HTTPError:
-    """The scheduler's refusal as the HTTP error answered (503 with Retry-After, or 413)."""
-    headers = {"Retry-After": str(int(np.ceil(refused.retry_after_s)))} if refused.status == 503 else {}
-    return HTTPError(refused.status, refused.reason, refused.message, headers)
 
 
 def measure_request(runner: Runner, size: tuple[int, int]) -> tuple[Rates, dict[str, float]]:
