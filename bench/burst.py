@@ -3,7 +3,7 @@
     python bench/burst.py [--bursts 20] [--requests 500] [--connections 64] [--json FILE] [--env K=V ...]
     python bench/burst.py --source OTHER_CHECKOUT ...    # the same bursts against another checkout's server
 
-Starts ``m2f serve`` (the demo model, default settings unless ``--env``/``--args`` say otherwise) on
+Starts ``m2f serve`` (the demo model, default settings unless ``--env`` says otherwise) on
 127.0.0.1, then sends ``--bursts`` bursts of ``--requests`` requests over ``--connections`` connections
 (asyncio + httpx in this process, each connection sending its next request as soon as its answer is in), a
 burst starting when the last one has ended. Photos: 640x480 synthetic scenes (``m2f synth``) as JPEG.
@@ -21,7 +21,6 @@ import io
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from PIL import Image
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.service_load import Server  # noqa: E402
 from m2f import synth  # noqa: E402
 from service.client import retry_after_s  # noqa: E402
 
@@ -49,40 +49,6 @@ def photos(n: int = 8) -> list[bytes]:
         image.save(buf, format="JPEG", quality=90)
         out.append(buf.getvalue())
     return out
-
-
-class Server:
-    """``m2f serve`` from ``source`` (a checkout) on a free port; its log in ``log``."""
-
-    def __init__(self, source: Path, env: dict[str, str], args: list[str], log: Path):
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.log = log
-        full_env = {**os.environ, "PYTHONPATH": str(source), **env}
-        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, cwd=source, env=full_env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: see {log}")
-            time.sleep(0.5)
-        raise RuntimeError("the server did not become ready")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 async def burst(base: str, data: list[bytes], requests: int, connections: int, timeout_s: float) -> dict[str, Any]:
@@ -135,14 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--source", type=Path, default=REPO, help="the checkout whose server to run (default: this)")
     p.add_argument("--env", nargs="*", default=[], help="K=V settings for the server")
-    p.add_argument("--args", nargs=argparse.REMAINDER, default=[], help="m2f serve arguments (last)")
     p.add_argument("--deadline", type=float, default=30.0, help="the server's request timeout (for the client's)")
     p.add_argument("--stall-s", type=float, default=10.0, help="no answer for this long with requests out: a stall")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.env)
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"burst-server-{os.getpid()}.log"
-    server = Server(args.source.resolve(), env, args.args, log)
+    server = Server(None, batch=None, delay_ms=5.0, env=env, source=args.source.resolve())  # default batching
     data = photos()
     results = []
     try:
@@ -164,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
             ["git", "-C", str(args.source), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
         "env": env,
-        "args": args.args,
         "bursts": len(results),
         "stalled_bursts": sum(r["stalled"] for r in results),
         "totals": dict(total),

@@ -44,7 +44,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -112,7 +112,6 @@ class Job:
     cost: Cost | None = None  # set at admission
     seq: int = 0  # admission order
     step: str = "decode"  # the next step: decode, pass, post; "done" once it left the scheduler
-    running: bool = False  # its step runs now
     prepared: Any = None
     result: BatchResult | None = None
     ready_at: float = 0.0  # when it became ready for the pass
@@ -276,8 +275,6 @@ class Stats:
     admitted: int = 0  # jobs in, not yet done
     waiting_for_pass: int = 0
     bytes: int = 0  # the admitted jobs' memory estimate
-    passes: int = 0
-    counts: dict[str, int] = field(default_factory=dict)  # jobs ended, by how
 
 
 class Scheduler:
@@ -328,7 +325,6 @@ class Scheduler:
         self._pass_running = False
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
-        self.counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ admission
     def _ahead_s(self, jobs: Any) -> float:
@@ -388,7 +384,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> asyncio.Future:
         """Admit ``job`` (raises :class:`Refused`) and return the future of its answer. The future fails with the
-        step's exception, :class:`Expired`, or ``RuntimeError`` when the scheduler closes first."""
+        step's exception, :class:`Expired`, or :class:`Refused` (503 draining) when the scheduler closes first."""
         job.cost = self.rates.cost(job.original_px, job.padded_px)
         if (refused := self.refusal(job)) is not None:
             raise refused
@@ -406,7 +402,7 @@ class Scheduler:
             return
         if (item := self._items.pop(job, None)) is not None:
             self.policy.remove(item)
-        self._end(job, "cancelled", None)
+        self._end(job, None)
         self._dispatch()
 
     def close(self) -> None:
@@ -416,7 +412,7 @@ class Scheduler:
         for job in list(self._jobs):
             if (item := self._items.pop(job, None)) is not None:
                 self.policy.remove(item)
-            self._end(job, "closed", Refused(503, "draining", "the server shut down before this request was answered"))
+            self._end(job, Refused(503, "draining", "the server shut down before this request was answered"))
         if self._timer is not None:
             self._timer.cancel()
 
@@ -425,17 +421,15 @@ class Scheduler:
             admitted=len(self._jobs),
             waiting_for_pass=len(self.policy),
             bytes=sum(j.cost.bytes for j in self._jobs),
-            counts=dict(self.counts),
         )
 
     # ------------------------------------------------------------------ what runs next
-    def _end(self, job: Job, how: str, outcome: Any, ok: bool = False) -> None:
+    def _end(self, job: Job, outcome: Any, ok: bool = False) -> None:
         """The job leaves the scheduler: its future gets ``outcome`` (a result if ``ok``, else an exception)."""
         if job.step == "done":
             return
         job.step = "done"
         self._jobs.discard(job)
-        self.counts[how] = self.counts.get(how, 0) + 1
         fut = job.future
         if fut is not None and not fut.done():
             if ok:
@@ -453,7 +447,7 @@ class Scheduler:
                 heapq.heappop(self._cpu_ready)
             elif now >= job.deadline:
                 heapq.heappop(self._cpu_ready)
-                self._end(job, "expired", Expired("decoding" if job.step == "decode" else "post-processing"))
+                self._end(job, Expired("decoding" if job.step == "decode" else "post-processing"))
             else:
                 return job
         return None
@@ -464,7 +458,7 @@ class Scheduler:
             if now >= job.deadline:
                 del self._items[job]
                 self.policy.remove(item)
-                self._end(job, "expired", Expired("inference"))
+                self._end(job, Expired("inference"))
         batch = self.policy.peek(now)
         return None if batch is None else min(it.seq for it in batch)
 
@@ -511,7 +505,6 @@ class Scheduler:
     def _start_cpu(self, job: Job) -> None:
         heapq.heappop(self._cpu_ready)
         step = job.step
-        job.running = True
         self._cpu_running += 1
         if step == "decode":
             fn, args, px = job.prepare, (), job.original_px
@@ -522,11 +515,10 @@ class Scheduler:
 
     def _cpu_done(self, job: Job, step: str, px: int, work: asyncio.Future) -> None:
         self._cpu_running -= 1
-        job.running = False
         if work.cancelled():
-            self._end(job, "failed", RuntimeError("the server is shutting down"))
+            self._end(job, RuntimeError("the server is shutting down"))
         elif (error := work.exception()) is not None:
-            self._end(job, "failed", error)
+            self._end(job, error)
         else:
             value, _, cpu_s = work.result()
             self.rates.observe(step, cpu_s, px)
@@ -539,16 +531,15 @@ class Scheduler:
                     self.policy.add(item, self.clock())
                     self._items[job] = item
                 except ValueError as e:  # does not fit a fixed-shape graph
-                    self._end(job, "failed", e)
+                    self._end(job, e)
             else:
-                self._end(job, "answered", value, ok=True)
+                self._end(job, value, ok=True)
         self._dispatch()
 
     def _start_pass(self, now: float) -> None:
         batch = self.policy.next_batch(now)
         for it in batch:
             del self._items[it.job]
-            it.job.running = True
         size = self.policy.padded_size(batch)
         self._pass_running = True
         started = self.clock()
@@ -560,14 +551,12 @@ class Scheduler:
     def _pass_done(self, batch: list[Item], size: Size, started: float, work: asyncio.Future) -> None:
         self._pass_running = False
         jobs = [it.job for it in batch]
-        for job in jobs:
-            job.running = False
         if work.cancelled() or work.exception() is not None:
             error = RuntimeError("the server is shutting down") if work.cancelled() else work.exception()
             if not work.cancelled():
                 log.error("a batch of %d failed: %s", len(batch), error, exc_info=error)
             for job in jobs:
-                self._end(job, "failed", error)
+                self._end(job, error)
         else:
             (class_logits, mask_logits), seconds, _ = work.result()
             self.rates.observe("pass", seconds / len(batch), size[0] * size[1])

@@ -27,7 +27,7 @@ from service import pipeline
 from service.batching import choose_batch_size, describe_profile, profile_batches
 from service.logs import ContextThreadPoolExecutor
 from service.metrics import Metrics
-from service.scheduler import BatchPolicy, Rates, Scheduler
+from service.scheduler import BatchPolicy, Item, Rates, Scheduler, assemble
 from service.settings import Settings
 
 log = logging.getLogger("m2f.service")
@@ -195,8 +195,7 @@ def measure_request(runner: Runner, size: tuple[int, int]) -> tuple[Rates, dict[
     prepared = pipeline.prepare(pipeline.decode(data), cfg, runner.input.size)
     t1 = time.perf_counter()
     ph, pw = runner.input.size or prepared.pixels.shape[1:]
-    batch = np.zeros((runner.input.batch or 1, 3, ph, pw), dtype=np.float32)  # (B, 3, Hp, Wp)
-    batch[0, :, : prepared.pixels.shape[1], : prepared.pixels.shape[2]] = prepared.pixels
+    batch = assemble([Item(prepared.pixels, prepared.resized_size)], (ph, pw), runner.input.batch)  # (B, 3, Hp, Wp)
     class_logits, mask_logits = runner.run(batch)
     t2 = time.perf_counter()
     body = pipeline.answer(pipeline.default_task(cfg), cfg, prepared, class_logits[0], mask_logits[0])
