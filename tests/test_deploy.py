@@ -204,13 +204,17 @@ def test_dockerfile_image(name):
         assert setting in env, setting
     assert re.search(r"M2F_CACHE_DIR=/tmp/\S+", env)
     assert any("/models" in a for k, a in runtime if k == "RUN"), "the /models mount point"
-    assert any(k == "COPY" and "/opt/m2f/models/" in a and "--from=export" in a for k, a in runtime)
-
-    # The demo model is exported at build time, the way the README documents it.
-    export = " ".join(a for k, a in all_stages["export"] if k == "RUN")
-    assert "m2f export onnx --weights weights/demo --output /opt/m2f/models/demo.onnx" in export
-    assert "--dynamic-shape --dynamic-batch" in export
-    assert "download.pytorch.org/whl/cpu" in export
+    if name == "Dockerfile.cpu":
+        # The demo model is the ONNX file shipped in the repository: no export (and no torch) in the build.
+        assert ("COPY", "weights/demo/model.onnx /opt/m2f/models/demo.onnx") in runtime
+        assert "export" not in all_stages
+    else:
+        assert any(k == "COPY" and "/opt/m2f/models/" in a and "--from=export" in a for k, a in runtime)
+        # The demo model is exported at build time, the way the README documents it.
+        export = " ".join(a for k, a in all_stages["export"] if k == "RUN")
+        assert "m2f export onnx --weights weights/demo --output /opt/m2f/models/demo.onnx" in export
+        assert "--dynamic-shape --dynamic-batch" in export
+        assert "download.pytorch.org/whl/cpu" in export
 
     # Every COPY source from the build context exists.
     for keyword, arguments in instructions:
@@ -231,8 +235,9 @@ def pyproject_packages() -> list[str]:
 
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_installing_stages_copy_every_package(name):
-    """Every stage that pip-installs the project has every package pyproject lists: a package left out would
-    be missing from the image (pip installs what the build context holds)."""
+    """Every stage that pip-installs the project copies exactly the packages pyproject lists, one COPY each
+    (`COPY pkg/ pkg/`): a package left out would be missing from the image (pip installs what the build
+    context holds), and one pyproject no longer lists is a stale line."""
     packages = pyproject_packages()
     assert {"mask2former", "model_export", "runtimes", "service", "m2f"} <= set(packages)
     installing = {
@@ -242,22 +247,24 @@ def test_installing_stages_copy_every_package(name):
     }
     assert installing, "no stage installs the project"
     for stage, instructions in installing.items():
-        copied = {
-            source.rstrip("/")
-            for k, a in instructions
-            if k == "COPY" and "--from=" not in a
-            for source in a.split()[:-1]
-        }
-        missing = [p for p in packages if p not in copied]
-        assert not missing, f"{name} stage {stage} installs the project without COPYing {missing}"
+        copies = [a.split() for k, a in instructions if k == "COPY" and "--from=" not in a]
+        copied = [s.rstrip("/") for *sources, _ in copies for s in sources if (ROOT / s / "__init__.py").is_file()]
+        assert sorted(copied) == packages, (
+            f"{name} stage {stage} copies the packages {sorted(copied)}, pyproject.toml lists {packages}"
+        )
+        package_copies = [c for c in copies if c[0].rstrip("/") in packages]
+        assert all(c == [f"{c[0].rstrip('/')}/"] * 2 for c in package_copies), f"one `COPY pkg/ pkg/` each: {copies}"
 
 
 def test_cpu_image_has_no_torch():
+    """Neither the image nor its build has torch (docker/smoke.sh checks the built image too)."""
     cpu = stages(DOCKER / "Dockerfile.cpu")
+    assert list(cpu) == ["build", "runtime"]
     build = " ".join(a for k, a in cpu["build"] if k == "RUN")
-    assert '".[serve]"' in build and "torch" not in build
+    assert '".[serve]"' in build
+    everything = " ".join(a for k, a in dockerfile_instructions(DOCKER / "Dockerfile.cpu"))
+    assert "torch" not in everything and "download.pytorch.org" not in everything
     runtime = " ".join(a for k, a in cpu["runtime"] if k in ("RUN", "COPY"))
-    assert "torch" not in runtime and "/opt/export" not in runtime
     assert "--from=build /opt/venv /opt/venv" in runtime
 
 
@@ -312,6 +319,7 @@ def test_dockerignore():
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     patterns = [p.strip() for p in lines if p.strip() and not p.strip().startswith("#")]
     needed = ["pyproject.toml", "README.md", "docker/healthcheck.py", "weights/demo/config.json"]
+    needed += ["weights/demo/model.onnx"]  # the CPU image's demo model
     needed += [
         "mask2former/config.py",
         "model_export/cli.py",
@@ -324,7 +332,8 @@ def test_dockerignore():
     unwanted = [".git/HEAD", ".venv/bin/python", "tests/test_deploy.py", "weights/train_demo.py"]
     unwanted += [
         "model.onnx",
-        "weights/demo/model.onnx",
+        "models/your.onnx",
+        "weights/demo/exported.onnx",
         "service/__pycache__/app.cpython-311.pyc",
         "docker/kubernetes/base/hpa.yaml",
     ]
@@ -362,6 +371,53 @@ def test_healthcheck_script_nothing_listening():
     assert subprocess.run([sys.executable, str(DOCKER / "healthcheck.py")], env=env, timeout=30).returncode == 1
 
 
+# ------------------------------------------------------------------------------- the container smoke test
+SHELL_SCRIPTS = ("docker/smoke.sh", ".ci/run", ".ci/install-deploy-tools")
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shellcheck(script):
+    check([tool("shellcheck"), "--format=gcc", script])
+
+
+def test_ci_runs_the_container_smoke_test():
+    """docker/smoke.sh builds and serves the image in CI (it needs podman and minutes, so it is not a test here)."""
+    lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "bash docker/smoke.sh || smoke_rc=$?" in lines
+    assert lines.index("bash docker/smoke.sh || smoke_rc=$?") < next(i for i, s in enumerate(lines) if "eval" in s)
+
+
+def smoke_http():
+    spec = importlib.util.spec_from_file_location("smoke_http", DOCKER / "smoke_http.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_comparison_ignores_only_timings():
+    """The smoke test's comparison with the reference server: every field but the timings must be equal."""
+    compare = smoke_http()
+    assert compare.IGNORED_FIELDS == ("timings",)
+    answer = {
+        "width": 4,
+        "task": "panoptic",
+        "segments": [{"id": 1, "score": 0.5, "segmentation": {"size": [2, 2], "counts": "04"}}],
+        "warnings": [],
+    }
+    assert compare.differences(answer, copy.deepcopy(answer)) == []
+    for path, value in (("segments.0.segmentation.counts", "13"), ("segments.0.score", 0.500001), ("width", 5)):
+        changed = copy.deepcopy(answer)
+        *parents, last = path.split(".")
+        node = changed
+        for key in parents:
+            node = node[int(key)] if key.isdigit() else node[key]
+        node[last] = value
+        (difference,) = compare.differences(answer, changed)
+        assert last in difference
+    assert compare.differences(answer, {**answer, "segments": []}) == [".segments: 1 vs 0 items"]
+    assert compare.differences(answer, {**answer, "png": None}) == [".png: only in one answer"]
+
+
 # ------------------------------------------------------------------------------------ docker-compose
 def test_compose_schema():
     check([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")])
@@ -381,7 +437,7 @@ def test_compose_services():
 
     m2f = services["m2f"]
     assert (ROOT / m2f["build"]["context"] / m2f["build"]["dockerfile"]).is_file()
-    assert m2f["ports"] == ["8000:8000"]
+    assert m2f["ports"] == ["${M2F_PUBLISH:-8000}:8000"]  # 8000 unless M2F_PUBLISH says otherwise
     assert m2f["read_only"] is True
     assert any(t.split(":")[0] == "/tmp" for t in m2f["tmpfs"])
     assert m2f["environment"]["M2F_HOST"] == "0.0.0.0"
