@@ -229,10 +229,21 @@ size=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 podman image prune -f >/dev/null || true
 log "built $IMAGE in $build_s s: $((size / 1000000)) MB"
 
-podman run --rm "${ulimits[@]}" --health-cmd none --entrypoint python "$IMAGE" -c \
+podman run --rm "${ulimits[@]}" --no-healthcheck --entrypoint python "$IMAGE" -c \
   'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is not None)' ||
   fail "the CPU image has torch installed"
 log "no torch in the image"
+# What the answers depend on, in the image and on the host (the reference): told, so that a difference in
+# the comparison below can be traced to a version.
+versions='from importlib.metadata import version
+print(", ".join(f"{p} {version(p)}" for p in ("onnxruntime", "numpy", "pillow", "pycocotools")))'
+image_versions=$(podman run --rm "${ulimits[@]}" --no-healthcheck --entrypoint python "$IMAGE" -c "$versions" 2>&1)
+host_versions=$("$PY" -c "$versions" 2>&1)
+if [ "$image_versions" = "$host_versions" ]; then
+  log "image and host: $image_versions"
+else
+  log "image: $image_versions; host (reference): $host_versions"
+fi
 
 # ------------------------------------------------------------------------------ run: the checks
 podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
@@ -246,10 +257,11 @@ M2F_LOG_LEVEL=warning "$PY" -m m2f.cli serve --model "$MODEL" --host 127.0.0.1 -
   >"$work/reference-server.log" 2>&1 &
 host_pid=$!
 
-# --health-interval disable: the image's healthcheck without podman's systemd timer (there may be no
-# systemd); `podman healthcheck run` below runs it.
-podman run -d --name "$NAME" --health-interval disable --read-only --tmpfs /tmp:rw,size=512m,mode=1777 --cap-drop ALL \
-  --security-opt no-new-privileges -p "127.0.0.1:$port:8000" "$IMAGE" >/dev/null || fail "podman run failed"
+# stderr to a file: without systemd, podman logs errors about the healthcheck's timer there (harmless:
+# `podman healthcheck run` below runs the check), and so does the container's cleanup when it stops.
+podman run -d --name "$NAME" --read-only --tmpfs /tmp:rw,size=512m,mode=1777 --cap-drop ALL \
+  --security-opt no-new-privileges -p "127.0.0.1:$port:8000" "$IMAGE" >/dev/null 2>"$work/podman-run.log" ||
+  fail "podman run failed"
 log "started $NAME on $url (reference m2f serve on $host_url)"
 
 check ready "$url" 180
@@ -274,7 +286,7 @@ check drain "$url" "$SAMPLE" -- podman stop -t "$STOP_TIMEOUT_S" "$NAME"
 exit_code=$(podman inspect --format '{{.State.ExitCode}}' "$NAME")
 [ "$exit_code" = 0 ] || fail "the container exited $exit_code after podman stop, expected 0"
 log "container exited 0 after the drain"
-podman rm -f "$NAME" >/dev/null
+podman rm -f "$NAME" >/dev/null 2>>"$work/podman-run.log"
 
 kill "$host_pid" 2>/dev/null || true
 wait "$host_pid" 2>/dev/null || true
@@ -321,7 +333,10 @@ EOF
   check scraped "http://127.0.0.1:$prom_port" m2f 1
   t0=$(date +%s)
   compose down >"$work/compose-down.log" 2>&1 || fail "podman-compose down failed"
-  log "podman-compose down in $(($(date +%s) - t0)) s"
+  down_s=$(($(date +%s) - t0))
+  # The file's stop_grace_period is 40 s: as long means the service did not stop on SIGTERM and was killed.
+  [ "$down_s" -lt "$STOP_TIMEOUT_S" ] || fail "podman-compose down took $down_s s: the service ignored SIGTERM"
+  log "podman-compose down in $down_s s"
   kill "$prom_pid" 2>/dev/null || true
   wait "$prom_pid" 2>/dev/null || true
   prom_pid=""
