@@ -39,10 +39,10 @@ import httpx
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.service_load import Server  # noqa: E402
+from bench.common import Server  # noqa: E402
 from m2f import synth  # noqa: E402
+from pipeline import steps  # noqa: E402
 from runtimes import open_runner  # noqa: E402
-from service import pipeline  # noqa: E402
 
 WAYS = ("loop", "service", "batch")
 REPO = Path(__file__).resolve().parents[1]
@@ -55,9 +55,9 @@ def plain_loop(model: str | None, runtime: str, paths: list[Path], task: str) ->
     cfg = runner.config
     t0 = time.perf_counter()
     for path in paths:
-        prepared = pipeline.prepare(pipeline.decode(path.read_bytes()), cfg, runner.input.size)
+        prepared = steps.prepare(steps.decode(path.read_bytes()), cfg, runner.input.size)
         class_logits, mask_logits = runner.run(prepared.pixels[None])
-        json.dumps(pipeline.answer(task, cfg, prepared, class_logits[0], mask_logits[0]))
+        json.dumps(steps.answer(task, cfg, prepared, class_logits[0], mask_logits[0]))
     wall = time.perf_counter() - t0
     return {"images": len(paths), "wall_s": wall, "images_per_s": len(paths) / wall}
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="checkpoint folder or .onnx (default: the demo model, PyTorch)")
     parser.add_argument("--num-images", type=int, default=200)
     parser.add_argument("--size", type=int, nargs=2, default=(160, 160), metavar=("H", "W"))
-    parser.add_argument("--task", choices=pipeline.TASKS, default="panoptic")
+    parser.add_argument("--task", choices=steps.TASKS, default="panoptic")
     parser.add_argument("--concurrency", type=int, default=8, help="service clients")
     parser.add_argument("--num-cpus", type=int, help="CPUs of m2f batch's local Ray (default: all)")
     parser.add_argument("--ways", nargs="+", choices=WAYS, default=list(WAYS), help="what to run (default: all)")

@@ -34,7 +34,7 @@ from PIL import Image
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.service_load import Server  # noqa: E402
+from bench.common import Server  # noqa: E402
 from m2f import synth  # noqa: E402
 from service.client import retry_after_s  # noqa: E402
 

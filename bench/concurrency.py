@@ -10,9 +10,9 @@ in an order that alternates from round to round (1 8, 8 1, ...), so that a drift
 both levels alike. Reported: img/s per level pooled, the ratio of each level to the first within each round
 (paired), their median and range, and the mean batch the server ran.
 
-The clients run in a child process at ``--nice`` (default 19; :mod:`bench.loadgen`): on loopback they share the
-server's 2 cores, and at normal priority eight of them waking to read answers and send uploads cost the server
-throughput that clients on another host would not.
+The clients run in a child process at ``--nice`` (default 19; :func:`bench.common.closed_loop_elsewhere`): on
+loopback they share the server's 2 cores, and at normal priority eight of them waking to read answers and send
+uploads cost the server throughput that clients on another host would not.
 """
 
 from __future__ import annotations
@@ -31,10 +31,7 @@ import httpx
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.eager_vs_transformers import machine_info  # noqa: E402
-from bench.loadgen import closed_loop, closed_loop_elsewhere  # noqa: E402
-from bench.service_load import Server  # noqa: E402
-from bench.service_vs_naive import parse_size, photos  # noqa: E402
+from bench.common import Server, closed_loop, closed_loop_elsewhere, machine_info, parse_size, photos  # noqa: E402
 
 
 def totals(base: str) -> dict[str, float]:

@@ -9,6 +9,10 @@ interleaved iterations (ours, theirs, theirs, ours, ...) so that machine noise h
     python bench/eager_vs_transformers.py --sizes 256x256 --iters 2 --warmup 1   # smoke run
     python bench/eager_vs_transformers.py --backbone base --batch 1 4 --threads 8 --json out.json
 
+``--sizes`` are WxH, width first as in every bench script (before 2026-12-07 this one read HxW; every recorded run
+used square sizes); in the JSON, ``args.sizes`` are [W, H] as given and each result's ``size`` is the input
+tensor's [H, W].
+
 Reports per model the median and p10/p90 latency of one forward pass in ms, images/s at the median, and
 the ratio theirs/ours of the medians (> 1: ours is faster). Exits non-zero without timing anything if the
 outputs disagree by more than 1e-4 x max |reference|, unless every decoder step agrees within that up to
@@ -19,11 +23,8 @@ an attention-mask bit flipped by float rounding (then it warns; see :func:`flipp
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine_info, parse_size  # noqa: E402
 from mask2former import load_model  # noqa: E402
 from mask2former.attention_mask import attention_mask, attention_mask_at_level  # noqa: E402
 from mask2former.reference import DATASETS, RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
@@ -43,46 +45,10 @@ from mask2former.reference import DATASETS, RESNET, SWIN, architecture, save_hf_
 REL_TOL = 1e-4
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """``"640x480"`` -> (640, 480) as (H, W); ``"512"`` -> (512, 512)."""
-    parts = text.lower().split("x")
-    try:
-        h, w = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, 0)
-    except ValueError:
-        h = w = 0
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW (e.g. 640x640)")
-    return h, w
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    import transformers
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "cores_usable": usable,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "threads": threads,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-
-
 def build_models(backbone: str, dataset: str, seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(ours, theirs), both float32 in eval mode, loaded from one random-weight HF checkpoint."""
-    from transformers import Mask2FormerForUniversalSegmentation
-    from transformers.utils import logging as hf_logging
+    from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
+    from transformers.utils import logging as hf_logging  # lazy: transformers
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="m2f-bench-") as folder:
@@ -165,7 +131,7 @@ def bench_one(
     iters: int,
     max_seconds: float,
 ) -> dict[str, Any]:
-    h, w = size
+    w, h = size  # (W, H), as --sizes reads it
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(0))
     runners = {"ours": lambda: run_ours(ours, x), "theirs": lambda: run_theirs(theirs, x)}
 
@@ -173,7 +139,7 @@ def bench_one(
     check = parity(runners["ours"](), runners["theirs"]())
     worst = max(check["class_rel_diff"], check["mask_rel_diff"])
     print(
-        f"  parity {h}x{w} b{batch}: class logits max|diff| {check['class_max_abs_diff']:.2e} "
+        f"  parity {w}x{h} b{batch}: class logits max|diff| {check['class_max_abs_diff']:.2e} "
         f"(rel {check['class_rel_diff']:.1e}), mask logits max|diff| {check['mask_max_abs_diff']:.2e} "
         f"(rel {check['mask_rel_diff']:.1e})",
         flush=True,
@@ -182,7 +148,7 @@ def bench_one(
         flips = flipped_mask_bits(ours, theirs, x)
         if flips is None:
             raise SystemExit(
-                f"FAIL: ours and transformers disagree at {h}x{w} batch {batch}: relative max |diff| {worst:.2e} "
+                f"FAIL: ours and transformers disagree at {w}x{h} batch {batch}: relative max |diff| {worst:.2e} "
                 f"> {REL_TOL:g}; timings of models that disagree are meaningless"
             )
         check["attention_mask_bits_flipped"] = flips
@@ -222,7 +188,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("-" * len(header))
     for r in results:
         o, t = r["ours"], r["theirs"]
-        size = f"{r['size'][0]}x{r['size'][1]}"
+        size = f"{r['size'][1]}x{r['size'][0]}"  # WxH, as --sizes; the JSON's "size" is [H, W]
         print(
             f"{size:>9} {r['batch']:>5} | "
             f"{o['median_ms']:>8.1f} ({o['p10_ms']:>6.1f}-{o['p90_ms']:>6.1f}) {o['images_per_s']:>7.2f} | "
@@ -238,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dataset", choices=list(DATASETS), default="coco-panoptic", help="sets the class count")
     parser.add_argument(
-        "--sizes", nargs="+", type=parse_size, default=[(384, 384), (640, 640)], help="HxW (default 384x384 640x640)"
+        "--sizes", nargs="+", type=parse_size, default=[(384, 384), (640, 640)], help="WxH (default 384x384 640x640)"
     )
     parser.add_argument("--batch", nargs="+", type=int, default=[1], help="batch size(s) (default 1)")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations per model, incl. the parity check")

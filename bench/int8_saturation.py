@@ -4,7 +4,7 @@ output against the exact product of the same uint8 activations and weights (nump
 ONNX Runtime's u8 x s8 kernels on x86-64 CPUs without VNNI (AVX2, AVX-512F/BW) multiply with VPMADDUBSW,
 which adds pairs of u8*s8 products into int16 with saturation: 255*127*2 = 64770 does not fit, so entries
 where both products of a pair are large come out clipped. With VNNI (VPDPBUSD, AVX-VNNI, AMX) the sums are
-int32 and exact, and u8 x u8 is exact everywhere (model_export.int8).
+int32 and exact, and u8 x u8 is exact everywhere (model_format.int8).
 
     python bench/int8_saturation.py model-int8.onnx [--weights as-stored|uint8|int8] [--size 160] [--images 1]
 
@@ -25,7 +25,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model_export.int8 import cpu_int8_kernel, integer_matmul_errors, integer_matmul_weights, store_weights  # noqa: E402
+from model_format.int8 import cpu_int8_kernel, integer_matmul_errors, integer_matmul_weights, store_weights  # noqa: E402
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ saturating VPMADDUBSW where it does not), against the float32 graph, side by sid
     python bench/int8_weights.py [--sizes 384 640] [--batch 1] [--iters 7]
 
 The public swin-tiny COCO-panoptic architecture (random weights) is exported once per size as float32 and
-as int8; the int8 file's weights are then also written as int8 (model_export.int8.store_weights: the same
+as int8; the int8 file's weights are then also written as int8 (model_format.int8.store_weights: the same
 integers, shifted by 128). Each variant runs in a session opened directly (no runner-side conversion), and
 iterations rotate through the variants so machine noise hits all alike. Reports the median and spread per
-forward pass and the ratios, with this CPU's int8 kernel (model_export.int8.cpu_int8_kernel), and what the
+forward pass and the ratios, with this CPU's int8 kernel (model_format.int8.cpu_int8_kernel), and what the
 runner's conversion of the weights costs when it loads the file (median of 3 loads, no cache).
 """
 
@@ -32,11 +32,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
-from model_export.int8 import (
+from model_export.onnx import export_onnx  # noqa: E402
+from model_format.int8 import (
     cpu_int8_kernel,  # noqa: E402
     store_weights,  # noqa: E402
 )
-from model_export.onnx import export_onnx  # noqa: E402
 from runtimes.onnx_runner import OnnxRunner  # noqa: E402
 from runtimes.ort_session import available_cpus, open_session, session_options  # noqa: E402
 

@@ -24,7 +24,7 @@ call captured in a CUDA graph, the GPU time alone, which is what a CUDA-graph ru
     python bench/masked_attention.py                       # everything (a few minutes on an H100)
     python bench/masked_attention.py --quick               # batch 1, float16, 100 queries
     python bench/masked_attention.py --sweep --dtypes float16 --batch 1 8   # also try block configs
-    python bench/masked_attention.py --json bench/masked_attention.json
+    python bench/masked_attention.py --json bench/results/masked_attention.json
 
 Needs a CUDA device and Triton; exits with a message (status 2) without them.
 """
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print("TRITON_INTERPRET is set: this would time Triton's interpreter. Unset it; nothing timed.")
         return 2
 
-    import triton
+    import triton  # lazy: triton (Linux with a GPU only), its version once a GPU is found
 
     props = torch.cuda.get_device_properties(0)
     info = {

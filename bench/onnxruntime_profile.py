@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -54,8 +55,6 @@ def ort_profile(path: Path, size: int, iters: int, tmp: Path) -> tuple[dict[str,
 
 
 def torch_profile(model, size: int, iters: int) -> tuple[dict[str, float], float]:
-    from torch.profiler import ProfilerActivity, profile
-
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(x)

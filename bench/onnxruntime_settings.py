@@ -23,10 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
+import torch
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mask2former import load_model  # noqa: E402
 from mask2former.reference import architecture, save_hf_checkpoint  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
 from runtimes.ort_session import available_cpus, disabled_optimizers, session_options  # noqa: E402
@@ -48,8 +51,6 @@ def interleaved(fns: dict[str, Callable[[], object]], iters: int) -> dict[str, f
 
 
 def sessions(path: Path) -> dict[str, object]:
-    import onnxruntime as ort
-
     def session(flush_denormals: bool, runner_fusions: bool):
         opts = session_options(available_cpus())
         if not flush_denormals:
@@ -78,10 +79,7 @@ def compare_sessions(path: Path, size: int, iters: int) -> None:
 
 
 def compare_torch(ckpt: Path, size: int, iters: int) -> None:
-    import torch
-    from transformers import Mask2FormerForUniversalSegmentation
-
-    from mask2former import load_model
+    from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
 
     ours = load_model(ckpt).eval()
     theirs = Mask2FormerForUniversalSegmentation.from_pretrained(ckpt).eval()

@@ -28,12 +28,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from m2f import synth  # noqa: E402
+from m2f.evaluate import evaluate  # noqa: E402
 from mask2former import load_model  # noqa: E402
 from mask2former.reference import RESNET, SWIN, architecture, save_hf_checkpoint  # noqa: E402
+from mask2former.weights import DEMO_WEIGHTS  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
 from runtimes.onnx_runner import OnnxRunner  # noqa: E402
 
@@ -50,8 +54,6 @@ def matmul_peak_gflops(threads: int, n: int = 2048, iters: int = 10) -> float:
 
 
 def forward_gflop(model, size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     # FlopCounterMode's module hooks need autograd-visible tensors: no inference_mode, frozen parameters.
     for p in model.parameters():
         p.requires_grad_(False)
@@ -63,10 +65,6 @@ def forward_gflop(model, size: int) -> float:
 
 def demo_pq_int8(num_images: int, threads: int) -> dict[str, float]:
     """Panoptic PQ of the demo model through ONNX Runtime, float32 and int8, on held-out synthetic images."""
-    from m2f import synth
-    from m2f.evaluate import evaluate
-    from mask2former.weights import DEMO_WEIGHTS
-
     pq = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "heldout"
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pq-images", type=int, default=500, help="held-out images for the int8 PQ comparison")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
 
     threads = torch.get_num_threads()
     peak = matmul_peak_gflops(threads)

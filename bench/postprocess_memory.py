@@ -5,7 +5,7 @@
 
 Prints one JSON line: the peak RSS over the RSS before the call (MB; the peak is reset through
 /proc/self/clear_refs after the inputs are made, so their temporaries do not count) and the number of
-segments. Linux only. ``tests/test_postprocess_memory.py`` runs it against the bound stated in README.
+segments. Linux only. ``tests/test_postprocess_memory.py`` runs it against the bound stated in docs/serving.md.
 """
 
 import json
@@ -17,8 +17,8 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mask2former import postprocess_numpy as post  # noqa: E402
-from service import encoding  # noqa: E402
+from pipeline import encoding  # noqa: E402
+from pipeline import postprocess as post  # noqa: E402
 
 task, H, W = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 Q, K = 100, 133

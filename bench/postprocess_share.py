@@ -1,14 +1,14 @@
-"""Post-processing as a share of inference on the service's path: ``service.pipeline.answer`` (post-processing and
+"""Post-processing as a share of inference on the service's path: ``pipeline.steps.answer`` (post-processing and
 COCO RLE encoding of one image) against the runner's forward pass on the same image.
 
     pip install scikit-image          # the photos (a bench-only dependency)
-    python bench/postprocess_share.py --json bench/postprocess_share.json     # 2 sizes x 6 photos x 3 repeats
-    python bench/postprocess_share.py --tiny                                   # a smoke run: a tiny model, 160x160
+    python bench/postprocess_share.py --json bench/results/postprocess_share.json   # 2 sizes x 6 photos x 3 repeats
+    python bench/postprocess_share.py --tiny                                        # a smoke run: a tiny model, 160x160
 
 Same checkpoint (swin-tiny COCO-panoptic, shaped random weights, resize 384/640, built under ``--workdir`` as
 by ``bench/service_vs_naive.py``), photos (scikit-image samples at each ``--sizes``, JPEG) and thresholds as that
 benchmark. Each photo is decoded and prepared once; then, ``--repeats`` times over the photos, the runner runs
-the image alone (batch 1) and ``pipeline.answer`` turns its logits into the JSON answer for each ``--tasks``.
+the image alone (batch 1) and ``steps.answer`` turns its logits into the JSON answer for each ``--tasks``.
 For context, the same logits also go through ``transformers``' post-processing plus pycocotools RLE (what
 ``bench/naive_server.py`` does; ``transformers`` is a development dependency). Reported per (size, task):
 forward and post-processing ms (median, p10-p90), post-processing / forward (the median of the per-image
@@ -30,19 +30,20 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.eager_vs_transformers import machine_info  # noqa: E402
-from bench.naive_server import hf_postprocess, segments_json  # noqa: E402
-from bench.service_vs_naive import (  # noqa: E402
+from bench.common import (  # noqa: E402
     build_checkpoint,
     checkpoint_folder,
     full_setting,
+    hf_postprocess,
+    machine_info,
     parse_size,
     photos,
+    segments_json,
     tiny_setting,
 )
-from mask2former.config import Mask2FormerConfig  # noqa: E402
+from pipeline import steps  # noqa: E402
+from pipeline.config import Mask2FormerConfig  # noqa: E402
 from runtimes import Runner, open_runner  # noqa: E402
-from service import pipeline  # noqa: E402
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -60,13 +61,13 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
 def hf_answer(
     processor: Any,
     logits: tuple[np.ndarray, np.ndarray],
-    prepared: pipeline.Prepared,
+    prepared: steps.Prepared,
     task: str,
     args: argparse.Namespace,
     cfg: Mask2FormerConfig,
 ) -> int:
     """``transformers``' post-processing and RLE of one image's logits; returns the segment count."""
-    import torch
+    import torch  # lazy: torch, for transformers' post-processing only (the runner may be ONNX Runtime)
 
     outputs = SimpleNamespace(
         class_queries_logits=torch.from_numpy(logits[0][None]), masks_queries_logits=torch.from_numpy(logits[1][None])
@@ -86,7 +87,7 @@ def hf_answer(
 def measure_size(runner: Runner, processor: Any, data: list[bytes], args: argparse.Namespace) -> dict[str, Any]:
     """Forward and post-processing times of every photo at one size, ``args.repeats`` times."""
     cfg = runner.config
-    prepared = [pipeline.prepare(pipeline.decode(d), cfg, runner.input.size) for d in data]
+    prepared = [steps.prepare(steps.decode(d), cfg, runner.input.size) for d in data]
     runner.run(prepared[0].pixels[None])  # warm-up at this size
     forward: list[float] = []
     per_task = {t: {"post": [], "share": [], "segments": [], "hf_post": [], "hf_segments": []} for t in args.tasks}
@@ -96,7 +97,7 @@ def measure_size(runner: Runner, processor: Any, data: list[bytes], args: argpar
             forward.append(fwd)
             for task in args.tasks:
                 body, post = timed(
-                    pipeline.answer,
+                    steps.answer,
                     task,
                     cfg,
                     p,
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     runner.warmup()
     processor = None
     if not args.no_transformers:
-        from transformers import Mask2FormerImageProcessor
+        from transformers import Mask2FormerImageProcessor  # lazy: transformers (a development dependency)
 
         processor = Mask2FormerImageProcessor()  # post-processing reads none of its resize settings
     describe = runner.describe()
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: forward median {results[key]['forward_ms']['median']:.1f} ms", flush=True)
     print()
     print_table(results, args.tasks)
-    print("answer = service.pipeline.answer (post-processing + COCO RLE); share = answer / forward per image")
+    print("answer = pipeline.steps.answer (post-processing + COCO RLE); share = answer / forward per image")
     if args.json:
         report = {
             "benchmark": "postprocess_share",

@@ -19,26 +19,21 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 from PIL import Image
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import Server, percentiles  # noqa: E402
 from m2f import synth  # noqa: E402
+from pipeline import steps  # noqa: E402
 from runtimes import open_runner  # noqa: E402
-from service import pipeline  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def images(n: int = 16) -> list[bytes]:
@@ -48,11 +43,6 @@ def images(n: int = 16) -> list[bytes]:
         Image.fromarray(synth.make_sample(seed=77, index=i).image).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-def percentiles(latencies: list[float]) -> dict[str, float]:
-    q = np.percentile(np.asarray(latencies) * 1000, [50, 95, 99])
-    return {"p50_ms": float(q[0]), "p95_ms": float(q[1]), "p99_ms": float(q[2])}
 
 
 def direct_baseline(model: str | None, runtime: str, data: list[bytes], seconds: float) -> dict[str, float]:
@@ -65,63 +55,15 @@ def direct_baseline(model: str | None, runtime: str, data: list[bytes], seconds:
     i = 0
     while time.monotonic() < end:
         t0 = time.perf_counter()
-        prepared = pipeline.prepare(pipeline.decode(data[i % len(data)]), cfg, runner.input.size)
+        prepared = steps.prepare(steps.decode(data[i % len(data)]), cfg, runner.input.size)
         class_logits, mask_logits = runner.run(prepared.pixels[None])
-        result = pipeline.postprocess(
+        result = steps.postprocess(
             "panoptic", cfg, class_logits, mask_logits, [prepared.resized_size], [prepared.original_size]
         )[0]
-        json.dumps({"segments": pipeline.segments("panoptic", cfg, result)})
+        json.dumps({"segments": steps.segments("panoptic", cfg, result)})
         latencies.append(time.perf_counter() - t0)
         i += 1
     return {"images_per_s": len(latencies) / sum(latencies), **percentiles(latencies)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``m2f serve`` on a free port, from ``source`` (this checkout, or another one to compare with). ``batch``:
-    ``--max-batch-size`` (None: the server's default, a start-up profile up to 4)."""
-
-    def __init__(
-        self,
-        model: str | None,
-        batch: int | None,
-        delay_ms: float,
-        env: dict[str, str] | None = None,
-        source: Path = REPO,
-    ):
-        self.port = free_port()
-        cmd = [sys.executable, "-m", "m2f.cli", "serve", "--port", str(self.port), "--log-level", "warning"]
-        cmd += ["--max-batch-delay-ms", str(delay_ms)] + ([] if batch is None else ["--max-batch-size", str(batch)])
-        if model:
-            cmd += ["--model", model]
-        env = {**os.environ, **(env or {}), "PYTHONPATH": str(source)}
-        self.proc = subprocess.Popen(cmd, cwd=source, env=env)
-        self.base = f"http://127.0.0.1:{self.port}"
-        end = time.monotonic() + 300
-        while time.monotonic() < end:
-            try:
-                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited")
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def batch_sizes(self) -> tuple[float, float]:
-        text = httpx.get(self.base + "/metrics").text
-        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("m2f_batch_size_"))
-        return float(values.get("m2f_batch_size_sum", 0)), float(values.get("m2f_batch_size_count", 0))
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
 
 
 def load(base: str, data: list[bytes], concurrency: int, seconds: float) -> dict[str, float]:

@@ -3,7 +3,7 @@
 
     pip install scikit-image                          # the photos (a bench-only dependency)
     python bench/service_vs_naive.py --prepare        # once: the checkpoint and both exports, kept in --workdir
-    python bench/service_vs_naive.py --json bench/service_vs_naive.json       # 16 runs of ~40 s each
+    python bench/service_vs_naive.py --json bench/results/service_vs_naive.json   # 16 runs of ~40 s each
     python bench/service_vs_naive.py --tiny           # a smoke run: a tiny model, 160x160 photos, 2 s per run
 
 The checkpoint: the swin-tiny COCO-panoptic architecture (133 classes with their COCO names, 100 queries),
@@ -14,7 +14,7 @@ once with ``save_pretrained`` under ``--workdir``; both servers load that folder
 Plain random weights answer nothing either post-processing can count: the decoder's queries collapse onto
 one another and every class score is about 1/134. ``transformers``' panoptic post-processing then returns no
 segment at any threshold (it counts a query's own area where score x sigmoid >= 0.5, not sigmoid >= 0.5 as
-detectron2 does). So the random weights are shaped once, before saving (:func:`shape_outputs_`): the
+detectron2 does). So the random weights are shaped once, before saving (:func:`bench.common.shape_outputs_`): the
 decoder's residual updates are scaled by 0.1 (queries keep their identity) and the class head by 4 (scores
 spread over 0.3-0.9 like a trained model's; about 20 of 100 queries pass 0.8). The compute is the same.
 
@@ -33,9 +33,9 @@ clients (threads, one httpx connection each) for ``--seconds``, and stopped. Rep
 concurrency): img/s, p50/p99 latency as the clients see it (a 503 with ``Retry-After`` is retried after it, as
 ``service.client.Client`` does, and counted), errors, mean segments per image and img/s
 relative to the naive server. The clients share the cores with the server, as in any loopback test; they run in a
-child process at ``--clients-nice`` 19 (:mod:`bench.loadgen`), so that the kernel gives the server the cores when
-both want them, as clients on another host would (``--in-process-clients``: threads of this process, as before
-2026-12-03; with them the naive server lost 9-11 % from 1 to 8 clients on 2 cores).
+child process at ``--clients-nice`` 19 (:func:`bench.common.closed_loop_elsewhere`), so that the kernel gives the
+server the cores when both want them, as clients on another host would (``--in-process-clients``: threads of this
+process, as before 2026-12-03; with them the naive server lost 9-11 % from 1 to 8 clients on 2 cores).
 Run it on an otherwise idle machine: on 2 cores busy with other work, torch's two intra-op threads ran our
 tiny model 10x slower than one thread did (and ``transformers``' 15x), which swamps any difference between
 the servers; ``--threads`` sets every server's intra-op threads.
@@ -45,131 +45,47 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import torch
-from PIL import Image
-from transformers.utils import logging as hf_logging
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.eager_vs_transformers import machine_info  # noqa: E402
-from bench.loadgen import closed_loop, closed_loop_elsewhere  # noqa: E402
-from bench.service_load import Server, free_port, percentiles  # noqa: E402
-from mask2former.config import PreprocessConfig, preprocess_to_hf  # noqa: E402
-from mask2former.label_sets import LABEL_SETS  # noqa: E402
-from mask2former.reference import TINY, architecture, hf_model  # noqa: E402
+from bench.common import (  # noqa: E402
+    CLASS_SCALE,
+    DECODER_UPDATE_SCALE,
+    PHOTOS,
+    Server,
+    build_checkpoint,
+    checkpoint_folder,
+    closed_loop,
+    closed_loop_elsewhere,
+    free_port,
+    full_setting,
+    machine_info,
+    parse_size,
+    percentiles,
+    photos,
+    tiny_setting,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = Path(__file__).resolve().parent
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 SERVERS = ("naive", "m2f-torch", "m2f-onnx-fp32", "m2f-onnx-int8")
 SEGMENT_RATIO_LIMIT = 2.0  # a row whose mean segments differ from the naive server's by more is void
-DECODER_UPDATE_SCALE = 0.1  # shaping of the random weights (see the module docstring)
-CLASS_SCALE = 4.0
 
 
-@dataclass(frozen=True)
-class Setting:
-    """The model and inputs of a run: the full one, or the tiny smoke test."""
-
-    name: str
-    arch: dict[str, Any]
-    labels: tuple[str, ...]
-    thing_ids: frozenset[int]
-    shortest_edge: int
-    longest_edge: int
-
-
-def full_setting() -> Setting:
-    coco = LABEL_SETS["coco-panoptic"]
-    return Setting(
-        "swin-tiny-coco-panoptic", architecture("tiny", "coco-panoptic"), coco.labels, coco.thing_ids, 384, 640
-    )
-
-
-def tiny_setting() -> Setting:
-    labels = ("person", "car", "sky", "road", "grass")  # TINY has 5 classes: 2 things, 3 stuff
-    return Setting("tiny", TINY, labels, frozenset({0, 1}), 128, 160)
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def parse_size(text: str) -> tuple[int, int]:
-    """``"640x480"`` (width x height, as photos are named) -> (640, 480)."""
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WxH (e.g. 640x480)") from None
-    if w <= 0 or h <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WxH (e.g. 640x480)")
-    return w, h
-
-
-def photos(size: tuple[int, int], names: tuple[str, ...] = PHOTOS) -> list[bytes]:
-    """scikit-image's sample photographs resized to ``size`` (W, H), as JPEG bytes."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise SystemExit("the photos come from scikit-image: pip install scikit-image") from None
-    out = []
-    for name in names:
-        img = Image.fromarray(getattr(data, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
-
-
-@torch.no_grad()
-def shape_outputs_(model: torch.nn.Module) -> None:
-    """Give a random ``Mask2FormerForUniversalSegmentation`` distinct queries and spread-out scores, in place:
-    each decoder layer's residual updates (attention output projections, second FFN layer) scaled by
-    ``DECODER_UPDATE_SCALE`` so that the queries stay distinct, the class head by ``CLASS_SCALE`` so that
-    their scores spread over (0, 1). Shapes, and so the compute, are unchanged."""
-    for layer in model.model.transformer_module.decoder.layers:
-        for linear in (layer.self_attn.out_proj, layer.cross_attn.out_proj, layer.fc2):
-            linear.weight.mul_(DECODER_UPDATE_SCALE)
-            linear.bias.mul_(DECODER_UPDATE_SCALE)
-    model.class_predictor.weight.mul_(CLASS_SCALE)
-    model.class_predictor.bias.mul_(CLASS_SCALE)
-
-
-def checkpoint_folder(workdir: Path, setting: Setting, seed: int) -> Path:
-    """Where the checkpoint of ``setting`` and its exports live (the name says what they are)."""
-    shaping = f"u{DECODER_UPDATE_SCALE:g}-c{CLASS_SCALE:g}"
-    return workdir / f"{setting.name}-seed{seed}-{setting.shortest_edge}-{setting.longest_edge}-{shaping}"
-
-
-def build_checkpoint(setting: Setting, folder: Path, seed: int) -> Path:
-    """A shaped random-weight HF checkpoint (with ``thing_ids`` and the resize) in ``folder``, unless there."""
-    if (folder / "preprocessor_config.json").is_file():
-        return folder
-    partial = folder.with_name(folder.name + ".partial")
-    hf_logging.disable_progress_bar()
-    model = hf_model(setting.arch, seed, id2label=dict(enumerate(setting.labels)))
-    shape_outputs_(model)
-    model.save_pretrained(partial)
-    config = json.loads((partial / "config.json").read_text())
-    config["thing_ids"] = sorted(setting.thing_ids)
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    pre = PreprocessConfig(shortest_edge=setting.shortest_edge, longest_edge=setting.longest_edge)
-    (partial / "preprocessor_config.json").write_text(json.dumps(preprocess_to_hf(pre), indent=2) + "\n")
-    partial.rename(folder)
-    return folder
-
-
+# ---------------------------------------------------------------------------------------------- exports
 def export(checkpoint: Path, output: Path, quantize: bool) -> Path:
     """``m2f export onnx`` (dynamic shape and batch, checked against PyTorch) unless ``output`` exists."""
     if output.is_file():
@@ -354,9 +270,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def versions() -> dict[str, str]:
-    import fastapi
-    import onnxruntime
-    import uvicorn
+    import fastapi  # lazy: fastapi, only its version (the servers run in subprocesses)
+    import onnxruntime  # lazy: onnxruntime, only its version
+    import uvicorn  # lazy: uvicorn, only its version
 
     return {"onnxruntime": onnxruntime.__version__, "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__}
 

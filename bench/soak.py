@@ -19,8 +19,9 @@ Starts the real server (a subprocess on a free 127.0.0.1 port, its log in a file
    (``draining``, ``queue_full``), as many 200s as the server had admitted, exit status 0 or -SIGTERM (uvicorn
    re-raises it), no abandoned request or traceback in the log.
 Requests are JPEGs of synthetic shapes (:mod:`m2f.synth`), a mix of ``--sizes`` x ``--tasks``. The
-clients share the cores with the server: run it on an otherwise idle machine. Writes ``--out`` (JSON: machine,
-date, settings, RSS samples, results) and prints a markdown summary for BENCHMARKS.md.
+clients share the cores with the server: run it on an otherwise idle machine. Writes ``--out`` (default
+``bench/results/soak.json``; JSON: machine, date, settings, RSS samples, results) and prints a markdown summary
+for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from PIL import Image
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.service_load import free_port, percentiles  # noqa: E402
+from bench.common import free_port, percentiles  # noqa: E402
 from m2f import synth  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -271,7 +272,7 @@ def drain_check(server: Server, mix: list[Request], n: int, timeout: float) -> d
     code = server.stop()
     log = server.log()
     abandoned, tracebacks = log.count("drain timeout: abandoned"), log.count("Traceback")
-    found = re.search(r"draining: (\d+) request\(s\) admitted", log)
+    found = re.search(r"draining: (\d+) request\(s\) in progress", log)
     admitted = int(found.group(1)) if found else None  # the server's count at SIGTERM
     ok_codes = all(k.split()[0] in ("200", "503") for k in tally.codes)  # answered, or refused before any work
     answered = admitted is not None and tally.count("200") >= admitted  # everything admitted at SIGTERM
@@ -381,7 +382,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--drain-requests", type=int, default=8, help="requests open at SIGTERM, at most (8)")
     p.add_argument("--sizes", nargs="+", default=["320x240", "640x480", "1280x720", "1920x1080"], help="WxH")
     p.add_argument("--tasks", nargs="+", default=["panoptic", "instance", "semantic"])
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "soak.json", help="JSON result")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results" / "soak.json",
+        help="JSON result (default bench/results/soak.json)",
+    )
     p.add_argument("--log", type=Path, help="server log file (default: a temporary file)")
     args = p.parse_args(argv)
     if min(args.minutes, args.load_fraction, args.capacity_seconds, args.overload_seconds, args.sample_seconds) <= 0:

@@ -1,14 +1,14 @@
 """``m2f batch``: segment a large image set with Ray Data, embedded on one machine or on a Ray cluster.
 
-The pipeline is the service's, step for step (:mod:`service.pipeline`), as Ray Data operators:
+The pipeline is the service's, step for step (:mod:`pipeline.steps`), as Ray Data operators:
 
 1. read bytes (any filesystem, :mod:`m2f.bulk_io`), decode and prepare: CPU tasks
-   (:func:`service.pipeline.decode`, :func:`service.pipeline.prepare`); an image that cannot be read or
+   (:func:`pipeline.steps.decode`, :func:`pipeline.steps.prepare`); an image that cannot be read or
    decoded becomes an error row, recorded in ``errors.jsonl``, and the job goes on;
 2. inference: a pool of actors, each holding one runner (:func:`runtimes.open_runner`, PyTorch or
    ONNX Runtime); each call groups its images by padded size with the service's
    :class:`~service.scheduler.BatchPolicy` and pads each batch to its largest member, as the service does;
-3. post-processing and COCO RLE: CPU tasks (:func:`service.pipeline.answer`);
+3. post-processing and COCO RLE: CPU tasks (:func:`pipeline.steps.answer`);
 4. the driver streams the results in input order and writes each shard (COCO JSON or Parquet) when its last
    image arrives, then the shard's marker. Writing on the driver keeps a local ``--output`` right when the
    workers run on other machines; the heavy steps all run on the workers.
@@ -40,13 +40,12 @@ from tqdm import tqdm
 
 from m2f import bulk_io
 from m2f.bulk_io import ERRORS, FORMATS, Folder, Source, shard_name
-from mask2former.config import Mask2FormerConfig, preprocess_to_hf, read_config
-from mask2former.postprocess_numpy import TASKS
-from model_export.metadata import read_metadata
+from model_format.metadata import read_metadata
+from pipeline import steps
+from pipeline.batch import BatchPolicy, Item, assemble, choose_batch_size, describe_profile, profile_batches
+from pipeline.config import Mask2FormerConfig, preprocess_to_hf, read_config
+from pipeline.postprocess import TASKS
 from runtimes import open_runner, typical_size
-from service import pipeline
-from service.batching import choose_batch_size, describe_profile, profile_batches
-from service.scheduler import BatchPolicy, Item, assemble
 
 IDENTITY = ("num_images", "listing_sha256", "model", "runtime", "task", "format", "shard_size")
 IDENTITY += ("threshold", "overlap_mask_area_threshold", "max_instances")
@@ -101,10 +100,10 @@ def plan_resources(
 ) -> Plan:
     """Defaults from the machine: on GPUs one actor per GPU (batches of 8); on CPUs one actor per 8 cores of
     a node, with the node's cores less one per actor as its threads, and batches of up to 8 chosen by each
-    actor from its own timing (``profile``: a batch only where it raises images/s; the demo model gains from
-    8, swin-tiny from none): the spare cores decode and post-process. Actors reserve their threads in Ray CPUs, but leave at least one CPU
-    of the cluster to those tasks (an intra-op thread pool on cores that other work also wants is much slower
-    than one thread fewer: its threads wait for each other)."""
+    actor from its own timing (``profile``: a batch only where it raises images/s): the spare cores decode and
+    post-process. Actors reserve their threads in Ray CPUs, but leave at least one CPU of the cluster to those
+    tasks (an intra-op thread pool on cores that other work also wants is much slower than one thread fewer: its
+    threads wait for each other)."""
     nodes = max(1, round(cluster_cpus / node_cpus)) if node_cpus else 1
     if device.startswith("cuda"):
         if cluster_gpus < 1:
@@ -135,8 +134,8 @@ def prepare_image(row: dict[str, Any], config: Mask2FormerConfig, fixed_size: tu
     """One path -> [its prepared image] (CPU task). An unreadable image gets an empty one and its ``error``."""
     out = {"image_id": row["image_id"], "resized": np.zeros(2, np.int64), "original": np.zeros(2, np.int64)}
     try:
-        image = pipeline.decode(bulk_io.read_bytes(str(row["path"])), max_pixels)
-        p = pipeline.prepare(image, config, fixed_size)
+        image = steps.decode(bulk_io.read_bytes(str(row["path"])), max_pixels)
+        p = steps.prepare(image, config, fixed_size)
     except (OSError, ValueError) as e:  # missing, unreadable, not an image, truncated, zero-size, too large
         return [{**out, "pixels": np.zeros((3, 0, 0), np.float32), "error": f"{type(e).__name__}: {e}"}]
     out["resized"][:], out["original"][:] = p.resized_size, p.original_size
@@ -214,9 +213,9 @@ def answer_batch(
             continue
         resized = tuple(int(v) for v in batch["resized"][i])
         original = tuple(int(v) for v in batch["original"][i])
-        prepared = pipeline.Prepared(np.zeros((3, 0, 0), np.float32), resized, original)  # sizes only
+        prepared = steps.Prepared(np.zeros((3, 0, 0), np.float32), resized, original)  # sizes only
         cl, ml = np.asarray(batch["class_logits"][i]), np.asarray(batch["mask_logits"][i])
-        answer = pipeline.answer(task, config, prepared, cl, ml, png=png, **params)
+        answer = steps.answer(task, config, prepared, cl, ml, png=png, **params)
         encoded = answer.pop("png")
         records.append(json.dumps(answer))
         pngs.append(base64.b64decode(encoded) if encoded else b"")
@@ -489,7 +488,7 @@ def run_batch(
     if not sources:
         raise ValueError(f"no images in {input} (looked for {', '.join(bulk_io.IMAGE_SUFFIXES)})")
     config, shape, runtime = model_spec(model, runtime)
-    task = task or pipeline.default_task(config)
+    task = task or steps.default_task(config)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     params = {"threshold": threshold, "overlap_mask_area_threshold": overlap_mask_area_threshold}

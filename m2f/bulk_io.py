@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from mask2former.config import Mask2FormerConfig
-from mask2former.postprocess_numpy import InstanceResult, PanopticResult, Segment
+from pipeline.config import Mask2FormerConfig
+from pipeline.postprocess import InstanceResult, PanopticResult, Segment
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")

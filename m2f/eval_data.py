@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mask2former.config import Mask2FormerConfig
+from pipeline.config import Mask2FormerConfig
 
 
 @dataclass(frozen=True)

@@ -43,10 +43,10 @@ from m2f.eval_data import DatasetLayout, find_layout
 from m2f.eval_images import TopN, disagreement_key, image_quality, segment_changes, worst_key
 from m2f.evaluate import MAX_INSTANCES, SCORERS, load_images, run_model
 from m2f.report_html import share
-from mask2former.processing import preprocess
-from model_export.metadata import checkpoint_sha256, file_sha256
+from model_format.metadata import checkpoint_sha256, file_sha256
+from pipeline import steps
+from pipeline.processing import preprocess
 from runtimes import open_runner
-from service import pipeline
 
 SCHEMA = "m2f-eval-report/1"
 SUMMARY = {  # task -> (metric name, path into that task's metrics)
@@ -272,10 +272,10 @@ def _run_backend(b: Backend, pil_images, chunk, tasks, scorers, gts, prepared, w
     class_logits, mask_logits = run_model(b.model, batch.pixel_values)
     t1 = time.perf_counter()
     args = (cfg, class_logits, mask_logits, batch.resized_sizes, batch.original_sizes)
-    results = {"panoptic": pipeline.postprocess("panoptic", *args)}
+    results = {"panoptic": steps.postprocess("panoptic", *args)}
     for t in tasks:
         if t != "panoptic":
-            results[t] = pipeline.postprocess(t, *args, **({"max_instances": MAX_INSTANCES} if t == "instance" else {}))
+            results[t] = steps.postprocess(t, *args, **({"max_instances": MAX_INSTANCES} if t == "instance" else {}))
     b.timing["inference_s"] += t1 - t0
     b.timing["postprocess_s"] += time.perf_counter() - t1  # every task's post-processing, not the scoring
     for t in tasks:

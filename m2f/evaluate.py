@@ -13,9 +13,9 @@ or COCO's layout for one split (``val2017/``, ``annotations/panoptic_val2017.jso
 differ (:mod:`m2f.eval_data`). Without semantic PNGs, mIoU is scored on class maps painted from the
 panoptic ground truth.
 
-The pipeline is the serving one: :func:`~mask2former.processing.load_image`, batched
-:func:`~mask2former.processing.preprocess`, the model (PyTorch, or a runner such as ONNX Runtime's), and the
-task's post-processing (:func:`service.pipeline.postprocess`, numpy) with the checkpoint's defaults (panoptic: the config's ``threshold``, ``mask_threshold``
+The pipeline is the serving one: :func:`~pipeline.processing.load_image`, batched
+:func:`~pipeline.processing.preprocess`, the model (PyTorch, or a runner such as ONNX Runtime's), and the
+task's post-processing (:func:`pipeline.steps.postprocess`, numpy) with the checkpoint's defaults (panoptic: the config's ``threshold``, ``mask_threshold``
 and ``overlap_mask_area_threshold``; instance: threshold 0.0 and the top 100 pairs). The metrics and their
 conventions are in :mod:`m2f.metrics`.
 """
@@ -38,9 +38,9 @@ from m2f import metrics
 from m2f.bulk_io import Predictions
 from m2f.eval_data import DatasetLayout, find_layout, label_ids
 from m2f.eval_images import class_map
-from mask2former.postprocess_numpy import TASKS
-from mask2former.processing import load_image, preprocess
-from service import pipeline
+from pipeline import steps
+from pipeline.postprocess import TASKS
+from pipeline.processing import load_image, preprocess
 
 MAX_INSTANCES = 100  # COCO scores at most 100 detections per image
 
@@ -251,7 +251,7 @@ def evaluate(
             batch = preprocess(load_images(layout, chunk), cfg.preprocess)
             class_logits, mask_logits = run_model(model, batch.pixel_values)
             params = {"max_instances": MAX_INSTANCES} if task == "instance" else {}
-            results = pipeline.postprocess(
+            results = steps.postprocess(
                 task, cfg, class_logits, mask_logits, batch.resized_sizes, batch.original_sizes, **params
             )
             for im, result in zip(chunk, results):

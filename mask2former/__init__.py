@@ -1,6 +1,6 @@
 """Mask2Former: an export-friendly PyTorch implementation that loads the public checkpoints."""
 
-from mask2former.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig, read_config
+from pipeline.config import Mask2FormerConfig, PreprocessConfig, ResNetConfig, SwinConfig, read_config
 
 __all__ = [
     "Mask2FormerConfig",

@@ -12,7 +12,7 @@ Two file formats (the official code's):
 A d2 checkpoint has no config: :func:`infer_config` derives everything the tensors determine (backbone
 kind and depth, Swin width, depths, heads and window from the relative-position tables, queries, classes,
 layers, widths, heads of the deformable attention); labels, thing ids and the test-time resize come from a
-label set (:mod:`mask2former.label_sets`).
+label set (:mod:`pipeline.label_sets`).
 
 Keys map onto ``transformers``' (5.x) layout by one pure rule table, :func:`match_d2_key`; from there
 :func:`mask2former.weights.convert_hf_state_dict` maps them onto our modules (folding batch norms, fusing
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from mask2former.config import Mask2FormerConfig, ResNetConfig, SwinConfig, preprocess_to_hf
-from mask2former.label_sets import SETS_BY_COUNT, apply_labels, detect_label_set, resolve_labels
+from pipeline.config import Mask2FormerConfig, ResNetConfig, SwinConfig, preprocess_to_hf
+from pipeline.label_sets import SETS_BY_COUNT, apply_labels, detect_label_set, resolve_labels
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +341,8 @@ def read_detectron2(
 
     Args:
         path: a ``model_final.pth`` or model-zoo ``.pkl`` file.
-        labels: a label-set name (:data:`mask2former.label_sets.LABEL_SETS`) or a labels JSON file; by
-            default the set the file shows (:func:`mask2former.label_sets.detect_label_set`: the class count,
+        labels: a label-set name (:data:`pipeline.label_sets.LABEL_SETS`) or a labels JSON file; by
+            default the set the file shows (:func:`pipeline.label_sets.detect_label_set`: the class count,
             and where semantic and panoptic sets share it, an official model-zoo file name or 200 queries),
             else generic names. The config's ``label_source`` says which set was chosen and why; it is logged.
     Returns:

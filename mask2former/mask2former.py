@@ -7,11 +7,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from mask2former.config import BackboneConfig, Mask2FormerConfig, ResNetConfig
 from mask2former.pixel_decoder import PixelDecoder
 from mask2former.resnet import ResNetBackbone
 from mask2former.swin import SwinBackbone
 from mask2former.transformer_decoder import Prediction, TransformerDecoder
+from pipeline.config import BackboneConfig, Mask2FormerConfig, ResNetConfig
 
 
 class Mask2FormerOutput(NamedTuple):

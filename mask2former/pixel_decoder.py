@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mask2former.config import Mask2FormerConfig
+from pipeline.config import Mask2FormerConfig
 
 NUM_LEVELS = 3
 NUM_POINTS = 4

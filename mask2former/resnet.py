@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mask2former.config import ResNetConfig
+from pipeline.config import ResNetConfig
 
 
 def fold_batch_norm(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mask2former.config import SwinConfig
+from pipeline.config import SwinConfig
 
 
 def round_up(n: int, multiple: int) -> int:

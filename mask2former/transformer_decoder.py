@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mask2former.attention_mask import attention_mask_at_level
-from mask2former.config import Mask2FormerConfig
 from mask2former.pixel_decoder import NUM_LEVELS, sine_position_embedding
+from pipeline.config import Mask2FormerConfig
 
 
 class Prediction(NamedTuple):

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mask2former.config import Mask2FormerConfig, ResNetConfig, read_config
 from mask2former.detectron2 import read_detectron2
-from mask2former.label_sets import apply_labels, resolve_labels
 from mask2former.mask2former import Mask2Former
 from mask2former.resnet import fold_batch_norm
+from pipeline.config import Mask2FormerConfig, ResNetConfig, read_config
+from pipeline.label_sets import apply_labels, resolve_labels
 
 _PIX = r"^model\.pixel_level_module\."
 _TRF = r"^model\.transformer_module\."
@@ -316,7 +316,7 @@ def load_model(
         path: an HF checkpoint folder, or a detectron2 checkpoint file (``model_final.pth``, model-zoo
             ``.pkl``; :mod:`mask2former.detectron2`). None: the bundled demo model.
         device: torch device.
-        labels: a label-set name (:data:`mask2former.label_sets.LABEL_SETS`) or labels JSON file giving the
+        labels: a label-set name (:data:`pipeline.label_sets.LABEL_SETS`) or labels JSON file giving the
             class names, thing ids, test-time resize and panoptic threshold; a detectron2 file without it gets
             the set the file shows (:func:`mask2former.detectron2.read_detectron2`), or a one-line error when
             its class count fits several. Must have the checkpoint's class count.

@@ -1,4 +1,4 @@
-"""Export stage: weights -> ONNX (``model_export.onnx``), with the runtime metadata in ``model_export.metadata``.
+"""Export stage: weights -> ONNX (``model_export.onnx``), with the runtime metadata in ``model_format.metadata``.
 
 Importing this package does not import torch; ``model_export.onnx`` (the exporter) does.
 """

@@ -32,9 +32,9 @@ import torch
 from mask2former.attention_mask import attention_mask_at_level
 from mask2former.mask2former import Mask2Former
 from model_export.graph import LARGE_MODEL_BYTES
-from model_export.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata
 from model_export.plugins import MASKED_ATTENTION_DOMAIN, MASKED_ATTENTION_OP
 from model_export.plugins.ort_reference import is_plugin_graph, reference_session
+from model_format.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata
 
 # Max |ONNX Runtime - PyTorch| allowed, relative to max |PyTorch| of each output.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}

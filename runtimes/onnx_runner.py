@@ -1,7 +1,7 @@
 """ONNX Runtime runner for a graph written by ``m2f export onnx``; serves from the ``.onnx`` file alone.
 
 No torch on this path: labels, thing/stuff flags, preprocessing and thresholds come from the file's
-metadata (:mod:`model_export.metadata`), inputs and outputs are numpy arrays.
+metadata (:mod:`model_format.metadata`), inputs and outputs are numpy arrays.
 
 Sessions are opened as :mod:`runtimes.ort_session` says (every graph optimization but the CPU fusions that
 slow these graphs down, one intra-op thread per usable core) and, with a ``cache_dir``,
@@ -9,7 +9,7 @@ keep the optimized graph on disk keyed by the model file's SHA-256 (plus the ONN
 execution providers and the CPU kind, since an optimized graph is specific to the hardware it was made
 on), so that later starts skip the optimization passes.
 
-int8 graphs store their MatMul weights as uint8 (exact on every CPU, see :mod:`model_export.int8`); on an
+int8 graphs store their MatMul weights as uint8 (exact on every CPU, see :mod:`model_format.int8`); on an
 x86 CPU with VNNI the runner converts them to int8 as it loads (the same integer products, a faster kernel),
 and files from older exports, whose int8 weights saturate on CPUs without VNNI, to uint8 there.
 """
@@ -28,9 +28,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from mask2former.config import Mask2FormerConfig
-from model_export.int8 import WEIGHT_DTYPES, cpu_int8_kernel, store_weights
-from model_export.metadata import file_sha256, read_metadata
+from model_format.int8 import WEIGHT_DTYPES, cpu_int8_kernel, store_weights
+from model_format.metadata import file_sha256, read_metadata
+from pipeline.config import Mask2FormerConfig
 from runtimes.ort_session import available_cpus, disabled_optimizers, hardware_tag, open_session, session_options
 from runtimes.runner import InputSpec, default_side
 
@@ -45,7 +45,7 @@ def int8_weights_to_run(stored: str, kernel: str | None, providers: list[str]) -
 
     On the CPU provider of an x86 CPU: int8 where it has VNNI (exact there, and faster than uint8:
     bench/int8_weights.py); uint8 where it has not (ONNX Runtime's u8 x s8 kernel saturates without VNNI,
-    u8 x u8 is exact; model_export.int8), which also rescues files exported with int8 weights before they
+    u8 x u8 is exact; model_format.int8), which also rescues files exported with int8 weights before they
     were stored as uint8. Other CPUs and providers: as stored. Converting is exact: the integer products do
     not change."""
     if not stored or providers != ["CPUExecutionProvider"] or kernel == "exact":

@@ -32,10 +32,9 @@ def hardware_tag() -> str:
     return hashlib.sha256(f"{platform.machine()} {flags}".encode()).hexdigest()[:8]
 
 
-# ONNX Runtime fusions that make these graphs slower on the CPU (measured interleaved against the default,
-# swin-tiny, 2 cores): SkipLayerNormalization (residual Add + LayerNorm) and MatMul + Add -> Gemm. Without
-# them float32 runs 7-10% faster at 384 and 640 px, int8 5-6% (bench/onnxruntime_settings.py, BENCHMARKS.md).
-# Other providers keep them.
+# ONNX Runtime fusions that make these graphs slower on the CPU (measured interleaved against the default by
+# bench/onnxruntime_settings.py; figures in BENCHMARKS.md): SkipLayerNormalization (residual Add + LayerNorm)
+# and MatMul + Add -> Gemm. Other providers keep them.
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion", "MatMulAddFusion")
 
 
@@ -69,12 +68,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1  # the graph is one chain of big ops; parallelism is within ops
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Flush denormals to zero: softmax over masked scores (Swin's -100 shift mask, masked attention) and
-    # activation tails produce them, and x86 handles them in slow microcode. 1-4% faster on swin-tiny;
-    # outputs identical in our measurements (bench/onnxruntime_settings.py, BENCHMARKS.md).
+    # activation tails produce them, and x86 handles them in slow microcode. Faster, and the outputs were
+    # identical where measured (bench/onnxruntime_settings.py, BENCHMARKS.md).
     opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     # Idle intra-op threads sleep instead of spinning: the service decodes and post-processes in other
-    # threads on the same cores, and spinning threads take their time. Demo model, 2 cores, 2 busy numpy
-    # threads beside it: 72-74 ms per forward pass without spinning, 99-102 ms with; alone about the same
+    # threads on the same cores, and spinning threads take their time; alone, both run about as fast
     # (bench/spin_wait.py, BENCHMARKS.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts

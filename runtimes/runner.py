@@ -3,7 +3,7 @@
 - :class:`runtimes.torch_runner.TorchRunner`: our PyTorch model (CPU or CUDA), from an HF-format checkpoint folder.
 - :class:`runtimes.onnx_runner.OnnxRunner`: a graph written by ``m2f export onnx``, without torch.
 
-Both carry the model's :class:`~mask2former.config.Mask2FormerConfig` (labels, thing/stuff flags,
+Both carry the model's :class:`~pipeline.config.Mask2FormerConfig` (labels, thing/stuff flags,
 preprocessing, thresholds) and an :class:`InputSpec` that says which input axes are fixed, so the
 batcher knows whether it may choose batch size and padded shape freely.
 """
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mask2former.config import Mask2FormerConfig
+from pipeline.config import Mask2FormerConfig
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,8 @@ def available_cpus() -> int:
 
 def typical_size(config: Mask2FormerConfig) -> tuple[int, int]:
     """(h, w) of a 4:3 landscape photo (most camera and COCO images) as the checkpoint resizes and pads it:
-    the shape batch profiles time. What batching gains depends on the shape: swin-tiny on 2 cores chose batch 2
-    from profiles at 384x384 (its shortest edge, square), while at 384x512, the shape its 640x480 photos take,
-    batches of 1.4-1.7 ran no faster per image than single images (``bench/concurrency.py``)."""
+    the shape batch profiles time. What batching gains depends on the shape, so profiles time the shape real
+    photos take rather than a square of the shortest edge (``bench/concurrency.py``, BENCHMARKS.md)."""
     pre = config.preprocess
     div = max(pre.size_divisor, 1)
     scale = pre.shortest_edge / 3

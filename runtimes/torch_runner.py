@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from mask2former.config import Mask2FormerConfig
+from pipeline.config import Mask2FormerConfig
 from runtimes.runner import InputSpec, default_side
 
 
@@ -28,10 +28,9 @@ class TorchRunner:
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu", threads: int | None = None):
         # OpenMP threads that wait passively: torch's default, spinning, starves (and is starved by) the
-        # service's decode/post-processing threads on the same cores. Demo model, 2 cores, 2 busy numpy
-        # threads beside it: 92-174 ms per forward pass passive, 387-614 ms spinning; alone, passive is
-        # slower (77-88 vs 36-45 ms): a trade-off for load (bench/spin_wait.py, BENCHMARKS.md). Read when
-        # torch first loads OpenMP, so it holds where this runner is the first to import torch.
+        # service's decode/post-processing threads on the same cores. Alone, passive is slower: a trade-off
+        # for serving under load (bench/spin_wait.py, BENCHMARKS.md). Read when torch first loads OpenMP, so
+        # it holds where this runner is the first to import torch.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch  # lazy: torch, optional (the ONNX Runtime path runs without it); after OMP_WAIT_POLICY is set
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service, in base units (seconds, images). Names are listed in the README.
+"""Prometheus metrics of the service, in base units (seconds, images). Names are listed in docs/metrics-and-logs.md.
 
 Each app gets its own registry (several apps in one process, as in tests, do not collide); the
 process and Python collectors are added to it so ``/metrics`` has what the default registry would.

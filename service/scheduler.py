@@ -37,7 +37,6 @@ boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import heapq
 import itertools
 import logging
@@ -49,15 +48,16 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.batch import BatchPolicy, Item, Size, assemble
+
 log = logging.getLogger("m2f.service")
 
-Size = tuple[int, int]
 Outputs = tuple[np.ndarray, np.ndarray]  # class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4)
 
 ALPHA = 0.2  # weight of the newest step in the measured seconds per pixel, when it is faster than the estimate
 # A job is admitted only if twice its predicted time fits before its deadline: what the prediction cannot see
-# (other processes on the cores, the event loop reading a burst of uploads) slowed passes 3-10x at the start
-# of a burst of 64 local clients on 2 cores, before the estimate caught up.
+# (other processes on the cores, the event loop reading a burst of uploads) slows passes at the start of a
+# burst, before the estimate catches up (BENCHMARKS.md, the scheduler).
 MARGIN = 2.0
 
 
@@ -116,128 +116,6 @@ class Job:
     result: BatchResult | None = None
     ready_at: float = 0.0  # when it became ready for the pass
     future: asyncio.Future | None = None
-
-
-# ---------------------------------------------------------------------------------------------- batches
-@dataclass(eq=False)
-class Item:
-    """One image waiting for a pass."""
-
-    pixels: np.ndarray  # (3, h, w) float32, normalized; h, w multiples of the size divisor
-    resized_size: Size  # (h, w) of the image inside ``pixels`` (the rest is padding)
-    enqueued: float = 0.0  # clock time of ``BatchPolicy.add``
-    seq: int = 0  # its job's admission order (older goes first)
-    job: Any = None
-
-
-class BatchPolicy:
-    """Which waiting images go into the next pass; synchronous, no clock of its own.
-
-    Images are grouped by bucket: their padded size rounded up to ``bucket_px`` per side, so a small image
-    never waits in (or pads to) a batch of large ones; a batch pads to its largest member. A fixed-shape
-    graph has one bucket, its shape. A bucket keeps its images in admission order (``seq``) and is ready when it
-    holds ``max_batch_size`` images or one has waited ``max_delay_s``; of the ready buckets the one holding the
-    oldest image goes first, and a batch takes a bucket's oldest images.
-    """
-
-    def __init__(
-        self,
-        max_batch_size: int,
-        max_delay_s: float,
-        bucket_px: int = 128,
-        size_divisor: int = 32,
-        fixed_size: Size | None = None,
-    ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_delay_s < 0:
-            raise ValueError(f"max_delay_s must be >= 0, got {max_delay_s}")
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_s
-        self.bucket_px = max(bucket_px, 1)
-        self.size_divisor = max(size_divisor, 1)
-        self.fixed_size = fixed_size
-        self._buckets: dict[Size, list[Item]] = {}
-
-    def __len__(self) -> int:
-        return sum(len(items) for items in self._buckets.values())
-
-    def bucket(self, height: int, width: int) -> Size:
-        """The bucket of an image whose padded size is ``height`` x ``width``."""
-        if self.fixed_size is not None:
-            return self.fixed_size
-        step = self.bucket_px
-        return -(-height // step) * step, -(-width // step) * step
-
-    def add(self, item: Item, now: float) -> None:
-        h, w = item.pixels.shape[1:]
-        if self.fixed_size is not None and (h > self.fixed_size[0] or w > self.fixed_size[1]):
-            raise ValueError(f"image of {h}x{w} does not fit the graph's fixed {self.fixed_size}")
-        item.enqueued = now
-        bisect.insort(self._buckets.setdefault(self.bucket(h, w), []), item, key=lambda it: it.seq)  # oldest first
-
-    def remove(self, item: Item) -> bool:
-        """Take a waiting image out; False if it is not waiting."""
-        key = self.bucket(*item.pixels.shape[1:])
-        items = self._buckets.get(key, [])
-        if item not in items:
-            return False
-        items.remove(item)
-        if not items:
-            del self._buckets[key]
-        return True
-
-    def _ready_key(self, now: float) -> Size | None:
-        n = self.max_batch_size
-        ready = [
-            (items[0].seq, key)
-            for key, items in self._buckets.items()
-            if len(items) >= n or now >= min(it.enqueued for it in items) + self.max_delay_s
-        ]
-        return min(ready)[1] if ready else None
-
-    def peek(self, now: float) -> list[Item] | None:
-        """The images of the next batch (left in place), or None when no bucket is ready."""
-        key = self._ready_key(now)
-        return None if key is None else self._buckets[key][: self.max_batch_size]
-
-    def next_batch(self, now: float) -> list[Item] | None:
-        """The images of the next batch, removed from the policy, or None when no bucket is ready."""
-        key = self._ready_key(now)
-        if key is None:
-            return None
-        items = self._buckets[key]
-        batch, rest = items[: self.max_batch_size], items[self.max_batch_size :]
-        if rest:
-            self._buckets[key] = rest
-        else:
-            del self._buckets[key]
-        return batch
-
-    def next_deadline(self) -> float | None:
-        """Clock time at which a bucket becomes ready by waiting, or None when nothing waits."""
-        if not self._buckets:
-            return None
-        return min(it.enqueued for items in self._buckets.values() for it in items) + self.max_delay_s
-
-    def padded_size(self, batch: list[Item]) -> Size:
-        """(H, W) the batch pads to: the fixed size, or its largest image rounded to the size divisor."""
-        if self.fixed_size is not None:
-            return self.fixed_size
-        d = self.size_divisor
-        h = max(it.pixels.shape[1] for it in batch)
-        w = max(it.pixels.shape[2] for it in batch)
-        return -(-h // d) * d, -(-w // d) * d
-
-
-def assemble(batch: list[Item], size: Size, batch_size: int | None = None) -> np.ndarray:
-    """Stack images into one zero-padded (B, 3, H, W) array; ``batch_size`` pads with zero images too."""
-    n = max(len(batch), batch_size or 0)
-    out = np.zeros((n, 3, *size), dtype=np.float32)
-    for i, it in enumerate(batch):
-        _, h, w = it.pixels.shape
-        out[i, :, :h, :w] = it.pixels
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- costs

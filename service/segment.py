@@ -9,7 +9,7 @@
    (408), up to ``MAX_BODY_BYTES`` (413); no number of slow or stalled clients can hold the compute;
 3. the scheduler admits its :class:`~service.scheduler.Job` (else 503 + Retry-After, or 413 when the image alone
    is over the memory budget) and runs its steps: decode and resize (:func:`prepare`, 415/413/400), its share of
-   a batched forward pass, post-processing and encoding (``finish``, :func:`service.pipeline.answer`);
+   a batched forward pass, post-processing and encoding (``finish``, :func:`pipeline.steps.answer`);
 4. the request waits for the answer until its deadline (504) or until its client leaves (499, counted as
    ``disconnected``); either way the job is cancelled, and no later step of it runs.
 
@@ -32,8 +32,8 @@ from typing import Annotated, Any
 from fastapi import Query, Request
 from fastapi.responses import Response
 
-from mask2former.processing import ImageTooLarge, UnsupportedImageFormat
-from service import pipeline
+from pipeline import steps
+from pipeline.processing import ImageTooLarge, UnsupportedImageFormat
 from service.errors import HTTPError, error_response
 from service.scheduler import BatchResult, Expired, Job, Refused
 from service.schemas import Task
@@ -102,17 +102,17 @@ async def read_upload(request: Request, state: ServiceState, deadline: float) ->
         state.uploads -= 1
 
 
-def prepare(data: bytes, state: ServiceState) -> pipeline.Prepared:
+def prepare(data: bytes, state: ServiceState) -> steps.Prepared:
     """Bytes -> resized, normalized image; decoding errors as HTTP errors. Runs on a CPU worker."""
     try:
-        image = pipeline.decode(data, MAX_PIXELS)
+        image = steps.decode(data, MAX_PIXELS)
     except UnsupportedImageFormat as e:
         raise HTTPError(415, "unsupported_media_type", str(e)) from None
     except ImageTooLarge as e:
         raise HTTPError(413, "too_large", str(e)) from None
     except (ValueError, OSError) as e:  # zero-size, truncated, corrupt
         raise HTTPError(400, "bad_image", f"cannot decode the image: {e}") from None
-    return pipeline.prepare(image, state.runner.config, state.runner.input.size)
+    return steps.prepare(image, state.runner.config, state.runner.input.size)
 
 
 async def wait_for_answer(request: Request, state: ServiceState, job: Job, deadline: float) -> Any:
@@ -153,7 +153,7 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
     and timings go to the metrics and the access log. ``started``: ``time.perf_counter()`` at its start."""
     settings = state.settings
     deadline = time.monotonic() + settings.request_timeout_s
-    task_name = query.task or (pipeline.default_task(state.runner.config) if state.runner else "unknown")
+    task_name = query.task or (steps.default_task(state.runner.config) if state.runner else "unknown")
     request.state.access = {"task": task_name}  # for the access-log line (service.logs)
     status = 500
     try:
@@ -163,14 +163,14 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         timings: dict[str, float] = {}
         config = state.runner.config
 
-        def prepare_step() -> pipeline.Prepared:
+        def prepare_step() -> steps.Prepared:
             prepared = prepare(data, state)
             timings["decode_s"] = time.perf_counter() - started
             return prepared
 
-        def finish_step(prepared: pipeline.Prepared, result: BatchResult) -> bytes:
+        def finish_step(prepared: steps.Prepared, result: BatchResult) -> bytes:
             t0 = time.perf_counter()
-            body = pipeline.answer(
+            body = steps.answer(
                 task_name,
                 config,
                 prepared,
@@ -189,13 +189,13 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
             body["timings"] = {**timings, "total_s": time.perf_counter() - started, "batch_size": result.batch_size}
             return json.dumps(body).encode()
 
-        size = pipeline.header_size(data)  # (h, w), or None: decoding will say what is wrong
+        size = steps.header_size(data)  # (h, w), or None: decoding will say what is wrong
         job = Job(
             prepare_step,
             finish_step,
             deadline,
             original_px=0 if size is None else size[0] * size[1],
-            padded_px=0 if size is None else pipeline.padded_pixels(size, config, state.runner.input.size),
+            padded_px=0 if size is None else steps.padded_pixels(size, config, state.runner.input.size),
         )
         if size is not None:
             request.state.access.update(height=size[0], width=size[1])
@@ -252,8 +252,8 @@ def model_info(state: ServiceState) -> dict[str, Any]:
     return {
         "name": cfg.name,
         "runtime": runner.name,
-        "tasks": list(pipeline.TASKS),
-        "default_task": pipeline.default_task(cfg),
+        "tasks": list(steps.TASKS),
+        "default_task": steps.default_task(cfg),
         "labels": [{"id": i, "name": n, "isthing": i in cfg.thing_ids} for i, n in sorted(cfg.id2label.items())],
         "input": {"name": runner.input.name, "shape": list(runner.input.shape), "dtype": str(runner.input.dtype)},
         "preprocess": {

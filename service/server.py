@@ -1,6 +1,6 @@
 """``m2f serve``: uvicorn on a socket bound before the model loads, every connection bounded, and the drain.
 
-Connections (fixed bounds, in the README's limits table):
+Connections (fixed bounds, in the limits table of docs/serving.md):
 
 - the request line and headers must arrive within :data:`HEADER_TIMEOUT_S` of the connection's opening or of
   the request's first byte (uvicorn has no such bound): else a JSON 408 ``header_timeout`` with

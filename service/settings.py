@@ -65,8 +65,8 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(
         None,
         ge=1,
-        description="images per forward pass at most; default: up to 4, the largest that raised throughput by 10 % "
-        "in a profile at start-up (1 where it does not pay); a number given is used as it is, without a profile",
+        description="images per forward pass at most; default: up to 4, the largest that raised throughput by a "
+        "tenth in a profile at start-up (1 where it does not pay); a number given is used as it is, without a profile",
     )
     max_batch_delay_ms: float = Field(
         5.0, ge=0, description="how long an image may wait for others to fill its batch while the model is idle"

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from pipeline import steps
+from pipeline.batch import BatchPolicy, Item, assemble, choose_batch_size, describe_profile, profile_batches
 from runtimes import Runner, open_runner, typical_size
 from runtimes.runner import available_cpus
-from service import pipeline
-from service.batching import choose_batch_size, describe_profile, profile_batches
 from service.logs import ContextThreadPoolExecutor
 from service.metrics import Metrics
-from service.scheduler import BatchPolicy, Item, Rates, Scheduler, assemble
+from service.scheduler import Rates, Scheduler
 from service.settings import Settings
 
 log = logging.getLogger("m2f.service")
@@ -36,8 +36,9 @@ DEFAULT_MAX_BATCH = 4  # the largest batch the start-up profile tries when max_b
 BUCKET_PX = 128  # padded sizes are batched together in steps of this many pixels per side
 PHOTO_SIZE = (480, 640)  # (h, w) of the photo start-up measures a request with (most COCO images are 640x480)
 MAX_JOBS = 256  # requests admitted at once at most (each is also bounded by time and memory)
-# Take turns only where a forward pass per image is at least this many times a request's CPU work. Measured on
-# 2 cores (BENCHMARKS.md): swin-tiny (ratio 20-30) gained from turns, the demo model (ratio about 3) lost.
+# Take turns only where a forward pass per image is at least this many times a request's CPU work: a model
+# whose pass dwarfs its CPU steps gains from having the cores alone, one whose steps are comparable loses
+# (BENCHMARKS.md, the scheduler).
 TURN_RATIO = 8.0
 
 
@@ -111,7 +112,7 @@ class ServiceState:
         if self.batch_seconds:  # the profile's passes are steadier than one
             b = self.batch_size
             self.rates.forward_s_per_px = min(self.batch_seconds[b]) / b / (size[0] * size[1])
-        forward_s = self.rates.forward_s_per_px * pipeline.padded_pixels(PHOTO_SIZE, runner.config, runner.input.size)
+        forward_s = self.rates.forward_s_per_px * steps.padded_pixels(PHOTO_SIZE, runner.config, runner.input.size)
         all_cores = s.device.startswith("cpu") and (s.threads is None or s.threads >= available_cpus())
         self.take_turns = all_cores and forward_s >= TURN_RATIO * (seconds["decode"] + seconds["post"])
         log.info(
@@ -192,13 +193,13 @@ def measure_request(runner: Runner, size: tuple[int, int]) -> tuple[Rates, dict[
     data = buf.getvalue()
     cfg = runner.config
     t0 = time.perf_counter()
-    prepared = pipeline.prepare(pipeline.decode(data), cfg, runner.input.size)
+    prepared = steps.prepare(steps.decode(data), cfg, runner.input.size)
     t1 = time.perf_counter()
     ph, pw = runner.input.size or prepared.pixels.shape[1:]
     batch = assemble([Item(prepared.pixels, prepared.resized_size)], (ph, pw), runner.input.batch)  # (B, 3, Hp, Wp)
     class_logits, mask_logits = runner.run(batch)
     t2 = time.perf_counter()
-    body = pipeline.answer(pipeline.default_task(cfg), cfg, prepared, class_logits[0], mask_logits[0])
+    body = steps.answer(steps.default_task(cfg), cfg, prepared, class_logits[0], mask_logits[0])
     json.dumps(body)
     t3 = time.perf_counter()
     seconds = {"decode": t1 - t0, "forward": t2 - t1, "post": t3 - t2}

@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from service.errors import HTTPError
 
-# The Content-Types of a raw image body: one per format the decoder accepts (service.pipeline.ALLOWED_FORMATS),
+# The Content-Types of a raw image body: one per format the decoder accepts (pipeline.steps.ALLOWED_FORMATS),
 # plus application/octet-stream. The format is read from the data, so a body in another accepted format than
 # its Content-Type names is still decoded; a Content-Type not listed here is refused before the body is read.
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/bmp", "image/tiff")

@@ -21,8 +21,8 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from m2f import bulk, bulk_io, cli, evaluate, metrics, synth
+from pipeline import steps
 from runtimes import TorchRunner
-from service import pipeline
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # before Ray is imported: no usage reports
 import ray  # noqa: E402
@@ -69,7 +69,7 @@ def logits(data, runner) -> dict[str, tuple]:
     """file name -> (prepared image, class logits, mask logits): the service's steps, one image at a time."""
     out = {}
     for path in sorted((data / "images").glob("0*.png")):
-        prepared = pipeline.prepare(pipeline.decode(path.read_bytes()), runner.config)
+        prepared = steps.prepare(steps.decode(path.read_bytes()), runner.config)
         class_logits, mask_logits = runner.run(prepared.pixels[None])
         out[path.name] = (prepared, class_logits[0], mask_logits[0])
     return out
@@ -77,7 +77,7 @@ def logits(data, runner) -> dict[str, tuple]:
 
 def reference(runner, logits, name: str, task: str) -> dict:
     prepared, class_logits, mask_logits = logits[name]
-    return pipeline.answer(task, runner.config, prepared, class_logits, mask_logits)
+    return steps.answer(task, runner.config, prepared, class_logits, mask_logits)
 
 
 def run(data: Path, out: Path, **kw) -> dict:
@@ -214,7 +214,7 @@ def test_outputs_read_back_as_the_results_they_were_written_from(fmt, data, runn
     cfg, names = runner.config, sorted(logits)[:3]
     sources = [bulk_io.Source(str(data / "images" / n), n) for n in names]
     params = {"threshold": None, "overlap_mask_area_threshold": None, "max_instances": 100}
-    for task in pipeline.TASKS:
+    for task in steps.TASKS:
         doc = bulk.job_doc("images", sources, None, "torch", cfg, task, fmt, 2, params)
         job = bulk.open_job(str(tmp_path / task), sources, doc, cfg)
         results = {}
@@ -222,13 +222,13 @@ def test_outputs_read_back_as_the_results_they_were_written_from(fmt, data, runn
             records = []
             for i in job.shard_ids(shard):
                 prepared, class_logits, mask_logits = logits[names[i]]
-                answer = pipeline.answer(task, cfg, prepared, class_logits, mask_logits, png=fmt == "coco")
+                answer = steps.answer(task, cfg, prepared, class_logits, mask_logits, png=fmt == "coco")
                 png = answer.pop("png")
                 if png:
                     job.folder.write(bulk_io.panoptic_png_name(i), base64.b64decode(png))
                 records.append(bulk.image_record(job, i, answer))
                 sizes = [prepared.resized_size], [prepared.original_size]
-                results[i] = pipeline.postprocess(task, cfg, class_logits[None], mask_logits[None], *sizes)[0]
+                results[i] = steps.postprocess(task, cfg, class_logits[None], mask_logits[None], *sizes)[0]
             bulk.write_shard(job, shard, records, [])
         bulk.finish(job, {"complete": True})
         predictions = bulk_io.Predictions(str(tmp_path / task))

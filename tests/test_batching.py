@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from mask2former.config import PreprocessConfig
+from pipeline.batch import BATCH_GAIN, BatchPolicy, Item, assemble, choose_batch_size, profile_batches
+from pipeline.config import PreprocessConfig
 from runtimes import typical_size
-from service.batching import BATCH_GAIN, choose_batch_size, profile_batches
-from service.scheduler import BatchPolicy, Item, assemble
 
 _arrivals = itertools.count()
 

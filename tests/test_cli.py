@@ -21,10 +21,10 @@ from pycocotools import mask as mask_util
 from m2f.cli import main
 from m2f.visualize import draw_overlay
 from mask2former import load_model
-from mask2former import postprocess_numpy as postprocess
-from mask2former.processing import load_image, preprocess
 from mask2former.reference import TINY, save_hf_checkpoint
-from service.encoding import encode_masks, panoptic_png, segment_records
+from pipeline import postprocess as postprocess
+from pipeline.encoding import encode_masks, panoptic_png, segment_records
+from pipeline.processing import load_image, preprocess
 
 pytest.importorskip("transformers")
 

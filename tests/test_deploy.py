@@ -321,7 +321,7 @@ def test_dockerignore():
     needed = ["pyproject.toml", "README.md", "docker/healthcheck.py", "weights/demo/config.json"]
     needed += ["weights/demo/model.onnx"]  # the CPU image's demo model
     needed += [
-        "mask2former/config.py",
+        "pipeline/config.py",
         "model_export/cli.py",
         "runtimes/__init__.py",
         "service/__init__.py",

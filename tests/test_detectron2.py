@@ -20,7 +20,6 @@ import torch
 
 from m2f.cli import main
 from mask2former import load_model
-from mask2former.config import ResNetConfig, SwinConfig
 from mask2former.detectron2 import (
     CheckpointReadError,
     UnsafeCheckpointError,
@@ -28,10 +27,11 @@ from mask2former.detectron2 import (
     match_d2_key,
     read_detectron2_file,
 )
-from mask2former.label_sets import LABEL_SETS, read_labels_json
 from mask2former.reference import TINY, TINY_R50, compare_flip_free, compare_pixel_stages, hf_model
 from mask2former.swin import relative_position_index
 from mask2former.weights import CheckpointMismatch, match_hf_key
+from pipeline.config import ResNetConfig, SwinConfig
+from pipeline.label_sets import LABEL_SETS, read_labels_json
 
 pytest.importorskip("transformers")
 
@@ -468,7 +468,7 @@ def test_label_set_contents():
 
 
 def test_label_set_detected_from_the_file():
-    from mask2former.label_sets import LabelSetUnknown, detect_label_set
+    from pipeline.label_sets import LabelSetUnknown, detect_label_set
 
     # A count one set has: that set. A count none has: generic names.
     assert detect_label_set(133, 100)[0].name == "coco-panoptic"
@@ -572,8 +572,8 @@ def test_r50_serves_through_both_runtimes(start_server, r50_pkl, r50_onnx):
     from PIL import Image
     from pycocotools import mask as mask_util
 
-    from mask2former import postprocess_numpy
-    from mask2former.processing import preprocess
+    from pipeline import postprocess
+    from pipeline.processing import preprocess
 
     model = load_model(r50_pkl)
     torch_server = start_server("--model", str(r50_pkl), "--max-batch-size", "1")
@@ -588,9 +588,9 @@ def test_r50_serves_through_both_runtimes(start_server, r50_pkl, r50_onnx):
         out = model(torch.from_numpy(batch.pixel_values))
     args = (out.class_logits.numpy(), out.mask_logits.numpy(), batch.resized_sizes, batch.original_sizes)
     cfg = model.config
-    semantic = postprocess_numpy.semantic_segmentation(*args, **cfg.postprocess_kwargs("semantic"))[0]
+    semantic = postprocess.semantic_segmentation(*args, **cfg.postprocess_kwargs("semantic"))[0]
     instance_kwargs = {**cfg.postprocess_kwargs("instance"), "max_instances": 100}
-    instance = postprocess_numpy.instance_segmentation(*args, **instance_kwargs)[0]
+    instance = postprocess.instance_segmentation(*args, **instance_kwargs)[0]
     for server, exact in ((torch_server, True), (ort_server, False)):
         for task in ("semantic", "instance"):
             r = server.client.post(

@@ -29,8 +29,8 @@ from m2f.cli import main  # noqa: E402
 from m2f.eval_data import find_layout  # noqa: E402
 from m2f.eval_images import segment_changes  # noqa: E402
 from m2f.eval_report import SCHEMA, compare, open_backend, parse_spec  # noqa: E402
-from mask2former.postprocess_numpy import PanopticResult, Segment  # noqa: E402
 from mask2former.weights import DEMO_WEIGHTS  # noqa: E402
+from pipeline.postprocess import PanopticResult, Segment  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 
@@ -125,7 +125,7 @@ def test_report_scores_equal_separate_eval_runs(cli_report, data, exports, capsy
 
 
 def test_report_says_what_produced_it(cli_report, exports):
-    from model_export.metadata import checkpoint_sha256, file_sha256
+    from model_format.metadata import checkpoint_sha256, file_sha256
 
     report, folder = cli_report
     by_label = {b["label"]: b for b in report["backends"]}

@@ -1,4 +1,4 @@
-"""model_export.int8 on small hand-made graphs: storing MatMulInteger weights as uint8 or int8 keeps every
+"""model_format.int8 on small hand-made graphs: storing MatMulInteger weights as uint8 or int8 keeps every
 product, and the runner's choice of weight type per CPU. (The real int8 export: tests/test_onnx_export.py.)"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from model_export.int8 import (  # noqa: E402
+from model_format.int8 import (  # noqa: E402
     cpu_int8_kernel,
     integer_matmul_errors,
     integer_matmul_weights,

@@ -1,16 +1,31 @@
-"""The project's layers import only downward (DESIGN.md, section 2), read statically from every source file.
+"""The project's layers import only downward (README.md, "Architecture"), read statically from every source file.
 
-Layers, bottom to top: 1 the model (``mask2former``), 2 export and runtimes (``model_export``, ``runtimes``),
-3 the service (``service``), 4 the tools (``m2f``). The checks:
+The rule table (``LAYERS``), bottom to top:
 
-- (a) no module imports a package of a higher layer, at module level or inside a function; ``model_export``
-  and ``runtimes`` (one layer) may import each other, but their modules never in a cycle, lazy imports counted;
+====  =========================================  ======================================================
+ 1    ``pipeline``                               torch-free, HTTP-free steps: decode, preprocess,
+                                                 post-process, RLE, JSON, batches, the config
+ 2    ``mask2former``, ``model_format``          the torch model and its checkpoints; the exported
+                                                 file's metadata and int8 weight storage
+ 3    ``runtimes``                               one runner interface: torch, ONNX Runtime
+ 4    ``model_export``, ``service``              weights -> ONNX and its checks; HTTP serving
+ 5    ``m2f``                                    the CLI and tools on top
+ 6    ``bench``, ``weights``                     benchmark scripts; how the demo model was made
+====  =========================================  ======================================================
+
+The checks:
+
+- (a) no module imports a package of a higher layer, nor another package of its own layer, at module level or
+  inside a function;
 - (b) no import cycle between project modules, through module-level imports or lazy ones (a lazy import must
   not hide a cycle);
 - (c) an import inside a function is for an optional heavy dependency (or a project module that brings one)
   and says so with a ``# lazy: <dependency / why>`` comment; anything else is imported at the top;
 - (d) no source file is over ``MAX_LINES`` lines;
-- (e) the ONNX Runtime serving path (``TORCH_FREE``) does not import torch, through any module-level import.
+- (e) the torch-free half (``TORCH_FREE_*``: the pipeline, the file format, the service, the ONNX Runtime runner)
+  does not import torch, through any module-level import; the pipeline imports no HTTP package at all;
+- (f) scripts (``SCRIPTS``: bench, weights) do not import one another; what they share is in their folder's
+  ``common`` module.
 
 Each check has a self-test that feeds it a small synthetic project with the violation, so that none can pass
 by checking nothing.
@@ -24,8 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"mask2former": 1, "model_export": 2, "runtimes": 2, "service": 3, "m2f": 4}
-SAME_LAYER_ACYCLIC = ("model_export", "runtimes")
+LAYERS = {
+    "pipeline": 1,
+    "mask2former": 2,
+    "model_format": 2,
+    "runtimes": 3,
+    "model_export": 4,
+    "service": 4,
+    "m2f": 5,
+    "bench": 6,
+    "weights": 6,
+}
+SCRIPTS = ("bench", "weights")
 # Optional heavy dependencies (extras, development-only packages): the only ones a function may import.
 HEAVY = {
     "torch",
@@ -45,10 +70,23 @@ HEAVY = {
     "pydantic",
     "pydantic_settings",
     "prometheus_client",
+    "skimage",  # scikit-image: the benchmarks' photos (development only)
 }
 MAX_LINES = 600
-TORCH_FREE = ("runtimes.onnx_runner", "runtimes.ort_session")
+TORCH_FREE_PACKAGES = ("pipeline", "model_format", "service")
+TORCH_FREE_MODULES = ("runtimes.onnx_runner", "runtimes.ort_session")
 NOT_ON_THE_TORCH_FREE_PATH = {"torch", "triton", "transformers"}
+HTTP = {
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "h11",
+    "httpx",
+    "requests",
+    "pydantic",
+    "pydantic_settings",
+    "prometheus_client",
+}
 
 
 @dataclass(frozen=True)
@@ -182,16 +220,16 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 # ---------------------------------------------------------------------------------------------- the checks
 def layer_violations(project: Project) -> list[str]:
-    """(a) Imports of a higher layer, and cycles between the modules of the packages that share layer 2."""
+    """(a) Imports of a higher layer, or of another package of the same layer."""
     found = []
     for imp in project.imports:
         src, dst = _top(imp.module), _top(imp.target)
-        if src in LAYERS and dst in LAYERS and LAYERS[dst] > LAYERS[src]:
+        if src not in LAYERS or dst not in LAYERS or src == dst:
+            continue
+        if LAYERS[dst] > LAYERS[src]:
             found.append(f"{imp.module}:{imp.line} imports {imp.target} (layer {LAYERS[dst]} > {LAYERS[src]})")
-    edges = _project_edges(project, top_level_only=False)
-    shared = {m: {t for t in ts if _top(t) in SAME_LAYER_ACYCLIC} for m, ts in edges.items()}
-    shared = {m: ts for m, ts in shared.items() if _top(m) in SAME_LAYER_ACYCLIC}
-    found += [f"cycle within layer 2 (lazy imports counted) among {', '.join(c)}" for c in cycles(shared)]
+        elif LAYERS[dst] == LAYERS[src]:
+            found.append(f"{imp.module}:{imp.line} imports {imp.target} (both layer {LAYERS[src]})")
     return found
 
 
@@ -230,10 +268,14 @@ def size_violations(project: Project) -> list[str]:
     ]
 
 
-def torch_free_violations(project: Project, roots: tuple[str, ...] = TORCH_FREE) -> list[str]:
+def torch_free_roots(project: Project) -> tuple[str, ...]:
+    return tuple(m for m in sorted(project.modules) if _top(m) in TORCH_FREE_PACKAGES) + TORCH_FREE_MODULES
+
+
+def torch_free_violations(project: Project, roots: tuple[str, ...] | None = None) -> list[str]:
     """(e) Module-level imports from ``roots`` (their packages' ``__init__`` run too) that reach torch."""
     found = []
-    for root in roots:
+    for root in torch_free_roots(project) if roots is None else roots:
         seen: dict[str, str | None] = {root: None}  # module -> the module that imported it
         todo = [root]
         while todo:
@@ -254,6 +296,26 @@ def torch_free_violations(project: Project, roots: tuple[str, ...] = TORCH_FREE)
                         m = seen[m]
                     found.append(f"{root} imports {_top(target)}: {' <- '.join(chain)}")
     return found
+
+
+def http_violations(project: Project) -> list[str]:
+    """(e) Imports of an HTTP package by the pipeline, at module level or inside a function."""
+    return [
+        f"{imp.module}:{imp.line} imports {imp.target} (the pipeline is HTTP-free)"
+        for imp in project.imports
+        if _top(imp.module) == "pipeline" and _top(imp.target) in HTTP
+    ]
+
+
+def script_violations(project: Project) -> list[str]:
+    """(f) A script importing another script of its folder (only the folder's ``common`` module is shared)."""
+    return [
+        f"{imp.module}:{imp.line} imports {imp.target} (scripts share only {_top(imp.module)}.common)"
+        for imp in project.imports
+        if _top(imp.module) in SCRIPTS
+        and _top(imp.target) == _top(imp.module)
+        and imp.target != f"{_top(imp.module)}.common"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- the project
@@ -282,8 +344,17 @@ def test_no_source_file_is_too_long():
     assert size_violations(PROJECT) == []
 
 
-def test_the_onnx_runtime_path_does_not_import_torch():
+def test_the_torch_free_half_does_not_import_torch():
+    assert {"pipeline.steps", "service.app", "runtimes.onnx_runner"} <= set(torch_free_roots(PROJECT))
     assert torch_free_violations(PROJECT) == []
+
+
+def test_the_pipeline_does_not_import_http():
+    assert http_violations(PROJECT) == []
+
+
+def test_scripts_do_not_import_each_other():
+    assert script_violations(PROJECT) == []
 
 
 # ---------------------------------------------------------------------------------------------- self-tests
@@ -299,28 +370,21 @@ def synthetic(**modules: str) -> Project:
 
 def test_layer_check_catches_an_upward_import():
     p = synthetic(mask2former__a="from service import b\n", service__b="import mask2former.a\n")
-    assert layer_violations(p) == ["mask2former.a:1 imports service.b (layer 3 > 1)"]
+    assert layer_violations(p) == ["mask2former.a:1 imports service.b (layer 4 > 2)"]
     lazy = synthetic(runtimes__r="def f():\n    from m2f.tool import x  # lazy: torch\n", m2f__tool="x = 1\n")
-    assert layer_violations(lazy) == ["runtimes.r:2 imports m2f.tool (layer 4 > 2)"]
-    ok = synthetic(m2f__tool="import service.b\nimport runtimes\n", service__b="from model_export import c\n")
+    assert layer_violations(lazy) == ["runtimes.r:2 imports m2f.tool (layer 5 > 3)"]
+    ok = synthetic(m2f__tool="import service.b\nimport runtimes\n", service__b="from pipeline import c\n")
     assert layer_violations(ok) == []
 
 
-def test_layer_check_catches_a_cycle_between_export_and_runtimes():
-    one_way = synthetic(
-        runtimes__run="from model_export.meta import X\n",
-        model_export__meta="X = 1\n",
-        model_export__check="def f():\n    from runtimes.session import open  # lazy: onnxruntime\n",
-        runtimes__session="def open(): ...\n",
+def test_layer_check_catches_an_import_within_a_layer():
+    p = synthetic(
+        runtimes__run="from model_format.meta import X\n",
+        model_format__meta="X = 1\n",
+        model_export__check="def f():\n    from service.app import y  # lazy: fastapi\n",
+        service__app="y = 1\n",
     )
-    assert layer_violations(one_way) == []
-    both = synthetic(
-        runtimes__run="from model_export.check import X\n",
-        model_export__check="X = 1\ndef f():\n    from runtimes.run import Y  # lazy: onnxruntime\n",
-    )
-    assert layer_violations(both) == [
-        "cycle within layer 2 (lazy imports counted) among model_export.check, runtimes.run"
-    ]
+    assert layer_violations(p) == ["model_export.check:2 imports service.app (both layer 4)"]
 
 
 def test_cycle_check_catches_a_cycle_also_through_a_lazy_import():
@@ -334,7 +398,7 @@ def test_cycle_check_catches_a_cycle_also_through_a_lazy_import():
         service__a="import service.b\n", service__b="def f():\n    import service.c  # lazy: x\n", service__c=""
     )
     assert cycle_violations(one_way) == []
-    package = synthetic(mask2former__init="from mask2former.config import C\n", mask2former__config="C = 1\n")
+    package = synthetic(mask2former__init="from pipeline.config import C\n", mask2former__config="C = 1\n")
     assert cycle_violations(package) == []  # a package importing its own module is no cycle
 
 
@@ -369,16 +433,36 @@ def test_torch_free_check_follows_imports_and_packages():
     p = synthetic(
         runtimes__init="from runtimes.runner import R\n",
         runtimes__runner="R = 1\ndef f():\n    import torch  # lazy: torch\n",
-        runtimes__onnx_runner="import onnxruntime\nfrom model_export.int8 import q\n",
+        runtimes__onnx_runner="import onnxruntime\nfrom model_format.int8 import q\n",
         runtimes__ort_session="import onnxruntime\n",
-        model_export__int8="import numpy\nimport torch\n",
+        model_format__int8="import numpy\nimport torch\n",
     )
     assert torch_free_violations(p) == [
-        "runtimes.onnx_runner imports torch: torch <- model_export.int8 <- runtimes.onnx_runner"
+        "model_format.int8 imports torch: torch <- model_format.int8",
+        "runtimes.onnx_runner imports torch: torch <- model_format.int8 <- runtimes.onnx_runner",
     ]
-    ok = synthetic(runtimes__onnx_runner="from model_export.int8 import q\n", model_export__int8="import onnx\n")
+    ok = synthetic(runtimes__onnx_runner="from model_format.int8 import q\n", model_format__int8="import onnx\n")
     assert torch_free_violations(ok, ("runtimes.onnx_runner",)) == []
     init = synthetic(runtimes__init="import torch\n", runtimes__ort_session="import onnxruntime\n")
     assert torch_free_violations(init, ("runtimes.ort_session",)) == [
         "runtimes.ort_session imports torch: torch <- runtimes <- runtimes.ort_session"
     ]
+
+
+def test_http_check_catches_the_pipeline_importing_http():
+    p = synthetic(
+        pipeline__steps="import numpy\ndef f():\n    from fastapi import HTTPException  # lazy: fastapi\n",
+        service__app="import fastapi\n",
+    )
+    assert http_violations(p) == ["pipeline.steps:3 imports fastapi (the pipeline is HTTP-free)"]
+
+
+def test_script_check_allows_only_common():
+    p = synthetic(
+        bench__a="from bench.common import x\nfrom bench import b\n",
+        bench__b="import bench.common\n",
+        bench__common="x = 1\n",
+        weights__train="import weights.common\n",
+        weights__common="",
+    )
+    assert script_violations(p) == ["bench.a:2 imports bench.b (scripts share only bench.common)"]

@@ -75,8 +75,8 @@ def rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------------------- the file
 def test_shipped_onnx_metadata_matches_the_checkpoint():
-    from mask2former.config import read_config
-    from model_export.metadata import checkpoint_sha256, read_metadata
+    from model_format.metadata import checkpoint_sha256, read_metadata
+    from pipeline.config import read_config
 
     meta = read_metadata(DEMO_ONNX)
     digest, files = checkpoint_sha256(DEMO_DIR)

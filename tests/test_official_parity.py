@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mask2former import load_model
-from mask2former import postprocess_numpy as nq
-from mask2former.label_sets import LABEL_SETS, apply_labels
-from mask2former.processing import load_image, preprocess
+from pipeline import postprocess as nq
+from pipeline.label_sets import LABEL_SETS, apply_labels
+from pipeline.processing import load_image, preprocess
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -32,15 +32,15 @@ pytest.importorskip("onnxscript")
 pytest.importorskip("transformers")  # the random-weight checkpoints are written with save_pretrained
 
 import onnx  # noqa: E402
+from torch_postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
 
 from mask2former import load_model  # noqa: E402
-from mask2former.postprocess import panoptic_segmentation, semantic_segmentation  # noqa: E402
 from mask2former.reference import TINY, architecture, save_hf_checkpoint  # noqa: E402
-from model_export import int8  # noqa: E402
 from model_export.check import ExportCheckError, check_against_pytorch  # noqa: E402
 from model_export.graph import float_tensor_types  # noqa: E402
-from model_export.metadata import ExportMetadata, checkpoint_sha256, read_metadata, write_metadata  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
+from model_format import int8  # noqa: E402
+from model_format.metadata import ExportMetadata, checkpoint_sha256, read_metadata, write_metadata  # noqa: E402
 from runtimes.onnx_runner import OnnxRunner  # noqa: E402
 from runtimes.ort_session import available_cpus  # noqa: E402
 
@@ -289,7 +289,7 @@ import json, sys
 import numpy as np
 from PIL import Image
 from runtimes.onnx_runner import OnnxRunner
-from mask2former.processing import preprocess
+from pipeline.processing import preprocess
 
 path, cache = sys.argv[1], sys.argv[2]
 runner = OnnxRunner(path, cache_dir=cache)

@@ -19,8 +19,8 @@ from PIL import Image
 from schemathesis.config import SchemathesisConfig
 
 from m2f import synth
+from pipeline.steps import ALLOWED_FORMATS
 from service.app import create_app
-from service.pipeline import ALLOWED_FORMATS
 
 # Every format the decoder accepts, by the media type PIL gives it: the document must list exactly these.
 Image.init()

@@ -17,7 +17,7 @@ import httpx
 from PIL import Image
 
 from m2f import synth
-from service.batching import choose_batch_size
+from pipeline.batch import choose_batch_size
 
 
 def png(image: Image.Image) -> bytes:

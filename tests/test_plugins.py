@@ -32,11 +32,9 @@ import onnxruntime as ort  # noqa: E402
 
 import mask2former.masked_attention as masked_attention_module  # noqa: E402
 import mask2former.pixel_decoder as pixel_decoder  # noqa: E402
-from mask2former.config import Mask2FormerConfig, SwinConfig  # noqa: E402
 from mask2former.mask2former import Mask2Former  # noqa: E402
 from mask2former.masked_attention import SIGMOID_HALF_BAND_F32, masked_attention_reference  # noqa: E402
 from model_export.graph import op_types  # noqa: E402
-from model_export.metadata import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
 from model_export.onnx import export_onnx  # noqa: E402
 from model_export.plugins import (  # noqa: E402
     MASKED_ATTENTION_DOMAIN,
@@ -48,6 +46,8 @@ from model_export.plugins import (  # noqa: E402
 )
 from model_export.plugins.ops import masked_attention_logit_rule, ms_deform_attn_op, plugin_ops  # noqa: E402
 from model_export.plugins.ort_reference import CONTRIB_DOMAIN, STATS, contrib_copy, reference_session  # noqa: E402
+from model_format.metadata import INPUT_NAME, OUTPUT_NAMES  # noqa: E402
+from pipeline.config import Mask2FormerConfig, SwinConfig  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated:FutureWarning")
 

@@ -29,8 +29,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from mask2former.postprocess import (
+from torch_postprocess import (
     InstanceResult,
     PanopticResult,
     Segment,

@@ -1,4 +1,4 @@
-"""The post-processing memory bound stated in README ("Limits"), measured in a subprocess.
+"""The post-processing memory bound stated in docs/serving.md ("Limits"), measured in a subprocess.
 
 A 100-query, 133-class model's logits post-processed for a 2000 x 1500 image: the old path held
 (queries, H, W) float32 at the original size (1.2 GB here; ~14 GB at 36 MP), the strip path holds the

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch_postprocess as tp
 from test_postprocess import NEG, POS, class_logits_for, square_logits
 
-from mask2former import postprocess as tp
-from mask2former import postprocess_numpy as nq
-from mask2former.postprocess_numpy import InstanceResult
+from pipeline import postprocess as nq
+from pipeline.postprocess import InstanceResult
 
 REPO = Path(__file__).resolve().parents[1]
 LOGIT_TOL = 1e-5
@@ -75,7 +75,7 @@ def test_does_not_import_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from mask2former import postprocess_numpy as m\n"
+        "from pipeline import postprocess as m\n"
         "cl = np.zeros((1, 2, 3), np.float32); ml = np.ones((1, 2, 4, 4), np.float32)\n"
         "assert m.semantic_segmentation(cl, ml, [(16, 16)], [(8, 8)])[0].shape == (8, 8)\n"
         "assert m.instance_segmentation(cl, ml, [(16, 16)], [(8, 8)])[0].masks.shape == (4, 8, 8)\n"

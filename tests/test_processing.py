@@ -30,8 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from mask2former.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
-from mask2former.processing import Batch, load_image, preprocess, resize_shape, to_rgb
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from pipeline.processing import Batch, load_image, preprocess, resize_shape, to_rgb
 
 TOL = 1e-6
 REPO = Path(__file__).resolve().parents[1]
@@ -372,5 +372,5 @@ def test_load_image_errors():
 
 
 def test_processing_does_not_import_torch():
-    code = "import sys, mask2former.processing; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, pipeline.processing; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

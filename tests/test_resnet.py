@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from mask2former import ResNetConfig, load_model, read_config
-from mask2former.config import RESNET_DEPTHS, Mask2FormerConfig
 from mask2former.mask2former import Mask2Former
 from mask2former.reference import (
     TINY_R50,
@@ -29,6 +28,7 @@ from mask2former.reference import (
 )
 from mask2former.resnet import FrozenBatchNorm2d, ResNetBackbone, fold_batch_norm
 from mask2former.weights import CheckpointMismatch, convert_hf_state_dict, read_hf_state_dict, to_hf_state_dict
+from pipeline.config import RESNET_DEPTHS, Mask2FormerConfig
 
 pytest.importorskip("transformers")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 
-from mask2former.rle import StripRuns, decode, id_map_rles
+from pipeline.rle import StripRuns, decode, id_map_rles
 
 
 def oracle(mask: np.ndarray) -> str:

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from service.scheduler import BatchPolicy, BatchResult, Expired, Job, Rates, Refused, Scheduler
+from pipeline.batch import BatchPolicy
+from service.scheduler import BatchResult, Expired, Job, Rates, Refused, Scheduler
 
 CHEAP = Rates(decode_s_per_px=1e-9, forward_s_per_px=1e-9, post_s_per_px=1e-9)
 

@@ -24,12 +24,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import torch_postprocess
 from PIL import Image
 from pycocotools import mask as mask_util
 
 from m2f import synth
-from mask2former import load_model, postprocess, postprocess_numpy
-from mask2former.processing import load_image, preprocess
+from mask2former import load_model
+from pipeline import postprocess
+from pipeline.processing import load_image, preprocess
 from service.schemas import SegmentResponse
 from service.segment import MAX_BODY_BYTES, MAX_UPLOADS
 
@@ -68,17 +70,17 @@ def model():
 
 def direct(model, image: Image.Image, task: str):
     """The reference: the model and the post-processing the server runs (numpy), called in this process. (numpy
-    vs the torch oracle: tests/test_postprocess_numpy.py, where near-tie pixels may differ by the CPU's BLAS.)"""
+    vs the torch oracle: tests/test_postprocess.py, where near-tie pixels may differ by the CPU's BLAS.)"""
     batch = preprocess([image], model.config.preprocess)
     with torch.inference_mode():
         out = model(torch.from_numpy(batch.pixel_values))
     args = (out.class_logits.numpy(), out.mask_logits.numpy(), batch.resized_sizes, batch.original_sizes)
     cfg = model.config
     if task == "panoptic":
-        return postprocess_numpy.panoptic_segmentation(*args, **cfg.postprocess_kwargs(task))[0]
+        return postprocess.panoptic_segmentation(*args, **cfg.postprocess_kwargs(task))[0]
     if task == "instance":
-        return postprocess_numpy.instance_segmentation(*args, **cfg.postprocess_kwargs(task), max_instances=100)[0]
-    return postprocess_numpy.semantic_segmentation(*args, **cfg.postprocess_kwargs(task))[0]
+        return postprocess.instance_segmentation(*args, **cfg.postprocess_kwargs(task), max_instances=100)[0]
+    return postprocess.semantic_segmentation(*args, **cfg.postprocess_kwargs(task))[0]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -320,8 +322,8 @@ def test_model_info_docs_and_health(server):
 
 
 def documented_metrics() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    section = text[text.index("### Metrics") :]
+    text = (REPO / "docs" / "metrics-and-logs.md").read_text()
+    section = text[text.index("## Metrics") :]
     return re.findall(r"^\| `(m2f_[a-z_]+)`", section, flags=re.M)
 
 
@@ -540,7 +542,7 @@ def test_onnx_runtime_server_runs_without_torch_and_agrees(start_server, server,
     batch = preprocess([small], cfg.with_preprocess(shortest_edge=106, longest_edge=0).preprocess, pad_to=(160, 160))
     with torch.inference_mode():
         out = model(torch.from_numpy(batch.pixel_values))
-    ref = postprocess.panoptic_segmentation(
+    ref = torch_postprocess.panoptic_segmentation(
         out.class_logits, out.mask_logits, batch.resized_sizes, [(320, 480)], thing_ids=cfg.thing_ids,
         threshold=cfg.threshold, mask_threshold=cfg.mask_threshold,
         overlap_mask_area_threshold=cfg.overlap_mask_area_threshold,

@@ -10,7 +10,7 @@ from PIL import Image
 from scipy import ndimage
 
 from m2f import visualize
-from service.encoding import segment_records
+from pipeline.encoding import segment_records
 
 
 # ---------------------------------------------------------------------------------------------- shapes

@@ -6,7 +6,7 @@ masks, its label points against ``visualize.pole``, its RLE decoder against pyco
 the checkboxes, the raw-JSON link and an error answer.
 
 Without chromium the tests are skipped, except where ``CI`` is set (``.ci/install-deploy-tools`` installs it).
-``M2F_WEB_SCREENSHOT=docs/web.png`` also saves a screenshot of the page (as in README).
+``M2F_WEB_SCREENSHOT=docs/web.png`` also saves a screenshot of the page (as in docs/web.md).
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from mask2former import load_model, read_config
-from mask2former.labels import COCO_THINGS
 from mask2former.mask2former import Mask2Former
 from mask2former.reference import TINY, hf_model
 from mask2former.weights import CheckpointMismatch, convert_hf_state_dict, read_hf_state_dict
+from pipeline.labels import COCO_THINGS
 
 pytest.importorskip("transformers")
 
@@ -197,7 +197,7 @@ def test_coco_thing_list_is_complete():
 
 def test_hf_config_round_trip(checkpoint):
     cfg = read_config(checkpoint)
-    from mask2former.config import Mask2FormerConfig
+    from pipeline.config import Mask2FormerConfig
 
     again = Mask2FormerConfig.from_hf_dict(cfg.to_hf_dict())
     assert again.backbone == cfg.backbone
@@ -210,8 +210,8 @@ def test_hf_config_round_trip(checkpoint):
 
 
 def test_task_defaults_follow_the_official_configs():
-    from mask2former.config import Mask2FormerConfig
     from mask2former.weights import DEMO_WEIGHTS
+    from pipeline.config import Mask2FormerConfig
 
     cfg = read_config(DEMO_WEIGHTS)  # things and stuff: as the official panoptic configs
     assert cfg.thing_ids == {0, 1, 2, 3, 4} and cfg.num_labels == 8

@@ -15,6 +15,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from model_format.metadata import write_metadata
+
 DEMO = Path(__file__).resolve().parent / "demo"
 # Recorded in the file's metadata instead of this machine's absolute path.
 SOURCE = "weights/demo"
@@ -22,10 +24,9 @@ SOURCE = "weights/demo"
 
 def export_demo(output: Path, log=print) -> Path:
     """Export the demo checkpoint to ``output`` (checked against PyTorch, else ``ExportCheckError``)."""
-    import onnx
+    import onnx  # lazy: onnx (the onnx extra), only to export
 
-    from model_export.metadata import write_metadata
-    from model_export.onnx import export_onnx
+    from model_export.onnx import export_onnx  # lazy: the exporter (torch, onnx), only to export
 
     report = export_onnx(DEMO, output, dynamic_shape=True, dynamic_batch=True, log=log)
     proto = onnx.load(str(output))

@@ -31,17 +31,17 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m2f import synth  # noqa: E402
-from mask2former.config import (  # noqa: E402
+from mask2former.mask2former import Mask2Former  # noqa: E402
+from mask2former.pixel_decoder import MSDeformAttn  # noqa: E402
+from mask2former.weights import load_model, to_hf_state_dict  # noqa: E402
+from pipeline.config import (  # noqa: E402
     POSTPROCESS_KEYS,
     Mask2FormerConfig,
     PreprocessConfig,
     SwinConfig,
     preprocess_to_hf,
 )
-from mask2former.mask2former import Mask2Former  # noqa: E402
-from mask2former.pixel_decoder import MSDeformAttn  # noqa: E402
-from mask2former.processing import preprocess  # noqa: E402
-from mask2former.weights import load_model, to_hf_state_dict  # noqa: E402
+from pipeline.processing import preprocess  # noqa: E402
 
 IMAGE_SIZE = (160, 160)
 LOSS_WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}  # the paper's
@@ -74,7 +74,7 @@ def demo_config() -> Mask2FormerConfig:
 
 def hf_config(cfg: Mask2FormerConfig):
     """The ``transformers`` config of the same architecture, with the loss settings used here."""
-    from transformers import Mask2FormerConfig as HFConfig
+    from transformers import Mask2FormerConfig as HFConfig  # lazy: transformers (a development dependency)
 
     d = {k: v for k, v in cfg.to_hf_dict().items() if k not in ("thing_ids", *POSTPROCESS_KEYS)}
     points = (IMAGE_SIZE[0] // 4) * (IMAGE_SIZE[1] // 4)  # every mask-logit pixel, on average
@@ -115,7 +115,7 @@ def lr_at(step: int, steps: int, base: float, warmup: int) -> float:
 
 def save_checkpoint(model: Mask2Former, out: Path, info: dict) -> None:
     """Write ``model`` as an HF checkpoint folder and check that ``load_model`` reads back the same model."""
-    from transformers import Mask2FormerForUniversalSegmentation
+    from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
 
     cfg = model.config
     hf = Mask2FormerForUniversalSegmentation(hf_config(cfg)).eval()
@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=1000, help="also write the checkpoint every N steps")
     args = parser.parse_args(argv)
 
-    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+    from transformers.models.mask2former.modeling_mask2former import (  # lazy: transformers (development)
+        Mask2FormerLoss,
+    )
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

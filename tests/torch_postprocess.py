@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 # The result types and MASK_STRIDE live in the torch-free module and are re-exported from here; in the results of
 # this module their arrays are torch tensors.
-from mask2former.postprocess_numpy import MASK_STRIDE, InstanceResult, PanopticResult, Segment, check_batch, check_sizes
+from pipeline.postprocess import MASK_STRIDE, InstanceResult, PanopticResult, Segment, check_batch, check_sizes
 
 _SEMANTIC_CHUNK = 1 << 18  # pixels per (K, Q) @ (Q, pixels) product in semantic_segmentation
 

@@ -1,17 +1,21 @@
-"""Task post-processing in numpy: the torch-free twin of :mod:`mask2former.postprocess`.
+"""Task post-processing, numpy only: class and mask logits -> semantic map, instances, panoptic segments.
 
-The ONNX Runtime path of the service runs without torch, so it post-processes with these functions. They
-have the signatures and semantics of :mod:`mask2former.postprocess` (detectron2 semantics, HF parameter
-names; read its docstrings) and take and return numpy arrays. ``tests/test_postprocess_numpy.py`` checks
-them against the torch module: resized logits agree to 1e-5 and every decision agrees except, rarely,
-where a value lies within float rounding of its threshold.
+detectron2 semantics with HF parameter names. Mask logits (stride 4) are upsampled bilinearly
+(align_corners=False) straight to the padded input size, the padding is cropped to the resized image, and the
+result is resized bilinearly to the original image size; every decision (argmax, thresholds, areas, scores) is
+made at the original size, except in the official semantic-only order (``semantic_segmentation(...,
+at_input_size=True)``: class scores combined at the input size, then resized). HF instead resizes every mask to
+a fixed 384x384 first and never crops the padding: ``tests/test_postprocess.py`` lists the differences kept on
+purpose. The same functions written with torch (``tests/torch_postprocess.py``) are the test oracle:
+``tests/test_postprocess_numpy.py`` checks that resized logits agree to 1e-5 and every decision agrees except,
+rarely, where a value lies within float rounding of its threshold.
 
 The two bilinear resizes (x4 to the padded size, crop, to the original size) are linear along each
 axis, so they compose into one (H, h) and one (W, w) matrix per image; the resize is then two banded
 matrix products (BLAS, multi-threaded). The tasks resize only the queries that can take part, one column
 strip at a time (:class:`Resize`): peak memory is O(H x W) for the maps plus ``STRIP_BYTES`` for the
 logits, never (queries, H, W). Instance masks come out as COCO RLE built strip by strip
-(:mod:`mask2former.rle`). This module imports numpy, pycocotools (through ``rle``) and the standard library.
+(:mod:`pipeline.rle`). This module imports numpy, pycocotools (through ``rle``) and the standard library.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mask2former import rle
+from pipeline import rle
 
 TASKS = ("panoptic", "instance", "semantic")
 MASK_STRIDE = 4  # mask logits are at 1/4 of the padded input (the only common_stride the config allows)
@@ -218,7 +222,7 @@ def masks_to_image(mask_logits: np.ndarray, resized_size: Size, original_size: S
     """Mask logits of one image (N, h, w) at stride 4 -> logits (N, H, W) at the original image size.
 
     Bilinear (align_corners=False) to the padded input size (4h, 4w), crop to ``resized_size``, bilinear
-    to ``original_size``, as :func:`mask2former.postprocess.masks_to_image` (to float rounding), in one
+    to ``original_size``, as the torch oracle's ``masks_to_image`` (to float rounding), in one
     strip (see :class:`Resize`). The result is a new float32 array (callers may modify it in place).
     """
     x = np.asarray(mask_logits)

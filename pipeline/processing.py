@@ -20,7 +20,7 @@ from typing import BinaryIO, NamedTuple
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mask2former.config import PreprocessConfig
+from pipeline.config import PreprocessConfig
 
 ImageSource = str | Path | bytes | bytearray | memoryview | BinaryIO
 

@@ -15,11 +15,11 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image
 
-from mask2former import postprocess_numpy as post
-from mask2former.config import Mask2FormerConfig
-from mask2former.postprocess_numpy import TASKS
-from mask2former.processing import load_image, preprocess, resize_shape
-from service import encoding
+from pipeline import encoding
+from pipeline import postprocess as post
+from pipeline.config import Mask2FormerConfig
+from pipeline.postprocess import TASKS
+from pipeline.processing import load_image, preprocess, resize_shape
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "TIFF"})
 
@@ -41,11 +41,11 @@ def default_task(config: Mask2FormerConfig) -> str:
 
 
 def decode(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Encoded JPEG/PNG/WebP/BMP/TIFF bytes -> RGB image (see :func:`mask2former.processing.load_image`).
+    """Encoded JPEG/PNG/WebP/BMP/TIFF bytes -> RGB image (see :func:`pipeline.processing.load_image`).
 
     Raises:
-        mask2former.processing.UnsupportedImageFormat: not an image, or a format we do not accept.
-        mask2former.processing.ImageTooLarge: more than ``max_pixels`` pixels (read from the header).
+        pipeline.processing.UnsupportedImageFormat: not an image, or a format we do not accept.
+        pipeline.processing.ImageTooLarge: more than ``max_pixels`` pixels (read from the header).
         ValueError / OSError: zero-size, truncated or corrupt data.
     """
     return load_image(data, formats=ALLOWED_FORMATS, max_pixels=max_pixels)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from mask2former.config import Mask2FormerConfig
-from mask2former.labels import CITYSCAPES_THINGS, COCO_THINGS, known_thing_ids
+from pipeline.config import Mask2FormerConfig
+from pipeline.labels import CITYSCAPES_THINGS, COCO_THINGS, known_thing_ids
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mask2former.labels import known_thing_ids
+from pipeline.labels import known_thing_ids
 
 # ImageNet statistics in the 0..255 scale, as the public checkpoints were trained with.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -174,10 +174,10 @@ class Mask2FormerConfig:
     def postprocess_kwargs(self, task: str) -> dict[str, Any]:
         """Keyword arguments of ``task``'s post-processing function with this checkpoint's defaults.
 
-        For :func:`mask2former.postprocess_numpy.panoptic_segmentation` (``thing_ids``, ``threshold``,
+        For :func:`pipeline.postprocess.panoptic_segmentation` (``thing_ids``, ``threshold``,
         ``mask_threshold``, ``overlap_mask_area_threshold``), ``instance_rles`` / ``instance_segmentation``
-        (``threshold``, ``thing_ids``) and ``semantic_segmentation`` (``at_input_size``); the same names in
-        :mod:`mask2former.postprocess`. For a checkpoint with an official config they are the official ones.
+        (``threshold``, ``thing_ids``) and ``semantic_segmentation`` (``at_input_size``). For a checkpoint with an
+        official config they are the official ones.
         """
         if task == "panoptic":
             return {

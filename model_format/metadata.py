@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mask2former.config import Mask2FormerConfig, PreprocessConfig
+from pipeline.config import Mask2FormerConfig, PreprocessConfig
 
 
 def file_sha256(path: str | Path) -> str:
@@ -84,7 +84,7 @@ class ExportMetadata:
     exporter: dict[str, str] = field(default_factory=dict)  # tool versions
     check: dict[str, Any] = field(default_factory=dict)  # the parity check's figures, if one ran
     quantization: str = ""  # "" (none) or "int8-dynamic": int8 weights, activations quantized at run time
-    # How the int8 weights are stored and why (model_export.int8.INFO); {} in files written before it existed,
+    # How the int8 weights are stored and why (model_format.int8.INFO); {} in files written before it existed,
     # whose weights are int8 (exact only on CPUs with VNNI).
     quantization_info: dict[str, Any] = field(default_factory=dict)
     input_name: str = INPUT_NAME

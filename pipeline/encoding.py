@@ -1,7 +1,7 @@
 """Segmentation results -> COCO-style JSON: RLE masks (pycocotools), boxes [x, y, w, h], areas.
 
 Works on numpy arrays only, so the ONNX Runtime path can use it without torch. Panoptic and semantic
-RLEs come from one pass over the id map; instance RLEs arrive built (``postprocess_numpy.instance_rles``).
+RLEs come from one pass over the id map; instance RLEs arrive built (``postprocess.instance_rles``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_util
 
-from mask2former.rle import id_map_rles
+from pipeline.rle import id_map_rles
 
 
 def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
@@ -78,7 +78,7 @@ def panoptic_records(
 ) -> list[dict[str, Any]]:
     """Records of a panoptic result: (H, W) id map (0 = void) and its segments (``id``, ``label_id``, ``score``).
 
-    The RLEs of all segments come from one pass over the id map (:func:`mask2former.rle.id_map_rles`).
+    The RLEs of all segments come from one pass over the id map (:func:`pipeline.rle.id_map_rles`).
     """
     ids = [s.id for s in segments]
     return records(
