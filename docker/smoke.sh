@@ -293,8 +293,9 @@ wait "$host_pid" 2>/dev/null || true
 host_pid=""
 
 # ---------------------------------------------------------------------- docker-compose.yml + Prometheus
+# The service loads a model mounted at /models (a copy of the demo model: the way users bring their own).
 compose() {
-  M2F_PUBLISH="127.0.0.1:$compose_port" M2F_MODELS_DIR="$work/models" \
+  M2F_PUBLISH="127.0.0.1:$compose_port" M2F_MODELS_DIR="$work/models" M2F_MODEL=/models/yours.onnx \
     podman-compose --project-name "$PROJECT" -f docker-compose.yml "$@"
 }
 if [ "$COMPOSE" = 1 ]; then
@@ -303,6 +304,8 @@ if [ "$COMPOSE" = 1 ]; then
   compose_port=$(free_port)
   prom_port=$(free_port)
   mkdir -p "$work/models" "$work/prometheus"
+  cp "$MODEL" "$work/models/yours.onnx"
+  chmod a+r "$work/models/yours.onnx"
   compose down -t 0 >/dev/null 2>&1 || true
   # Only the m2f service: the prom/prometheus and grafana images need a registry. Its image is the one built
   # above (the compose file's image name), so nothing is built again.
@@ -323,13 +326,18 @@ if [ "$COMPOSE" = 1 ]; then
   prometheus --config.file="$work/prometheus/prometheus.yml" --storage.tsdb.path="$work/prometheus/data" \
     --web.listen-address="127.0.0.1:$prom_port" --log.level=warn >"$work/prometheus.log" 2>&1 &
   prom_pid=$!
-  "$PY" - "$compose_url" "$SAMPLE" <<'EOF' || fail "POST /v1/segment to the compose service"
-import sys, urllib.request
+  "$PY" - "$compose_url" "$SAMPLE" <<'EOF' || fail "the compose service's model or answer (output above)"
+import json, sys, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+with opener.open(f"{sys.argv[1]}/v1/model", timeout=10) as response:
+    path = json.load(response)["runner"].get("path")
+    assert path == "/models/yours.onnx", f"the compose service serves {path}, not the mounted /models/yours.onnx"
 request = urllib.request.Request(f"{sys.argv[1]}/v1/segment", data=open(sys.argv[2], "rb").read(),
                                  headers={"Content-Type": "image/png"})
-with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=60) as response:
+with opener.open(request, timeout=60) as response:
     assert response.status == 200, response.status
 EOF
+  log "the compose service serves the model mounted at /models/yours.onnx"
   check scraped "http://127.0.0.1:$prom_port" m2f 1
   t0=$(date +%s)
   compose down >"$work/compose-down.log" 2>&1 || fail "podman-compose down failed"
