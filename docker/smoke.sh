@@ -67,6 +67,7 @@ log() { printf '[smoke +%ss] %s\n' "$(($(date +%s) - started))" "$*"; }
 work=$(mktemp -d)
 host_pid=""
 prom_pid=""
+compose_port=""
 dump_logs() {
   if podman container exists "$NAME" 2>/dev/null; then
     echo "---- podman logs $NAME (last 40 lines)" >&2
@@ -85,11 +86,11 @@ fail() {
 }
 cleanup() {
   local rc=$?
-  set +e
+  set +eu
   [ -n "$host_pid" ] && kill "$host_pid" 2>/dev/null && wait "$host_pid" 2>/dev/null
   [ -n "$prom_pid" ] && kill "$prom_pid" 2>/dev/null && wait "$prom_pid" 2>/dev/null
   podman rm -f -t 0 "$NAME" >/dev/null 2>&1
-  if [ "$COMPOSE" = 1 ] && command -v podman-compose >/dev/null 2>&1; then
+  if [ -n "$compose_port" ]; then
     compose down -t 0 >/dev/null 2>&1
   fi
   rm -rf "$work"
