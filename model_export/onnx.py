@@ -144,9 +144,11 @@ class ExportOptions:
     Shapes: fixed ``height`` x ``width``, or ``dynamic_shape`` (the default when no size is given); a fixed
     ``batch`` or ``dynamic_batch``. ``fp16`` exports a float16 graph (input, outputs and every float tensor),
     checked against the float32 PyTorch model at the float16 tolerance. ``quantize="int8"`` (float32 graphs, for
-    the CPU) quantizes the weights of every MatMul to int8, one scale per output channel, stores them as uint8
-    so that every x86 CPU computes them exactly, and quantizes activations at run time (ONNX Runtime's dynamic
-    quantization: ``MatMulInteger``; :mod:`model_format.int8`); it is checked at
+    the CPU) quantizes the weights of the backbone's and the decoder layers' MatMuls to int8, one scale per output
+    channel, stores them as uint8 so that every x86 CPU computes them exactly, and quantizes activations at run
+    time (ONNX Runtime's dynamic quantization: ``MatMulInteger``; :mod:`model_format.int8`); the pixel decoder,
+    mask head and class head, which make the attention masks and the outputs, stay float32
+    (:data:`model_export.int8.FLOAT_MODULES`); it is checked at
     :data:`~model_export.check.INT8_TOLERANCE`. ``plugins`` writes TensorRT plugin nodes for multi-scale
     deformable attention and masked attention (float32 graphs: TensorRT builds float16 engines from them); the
     file then needs TensorRT (or the CPU reference ops of :mod:`model_export.plugins.ort_reference`) to run.

@@ -397,7 +397,7 @@ def test_int8_export(tiny_int8, tiny_model):
     assert report.metadata.quantization == "int8-dynamic" and report.op_types["MatMulInteger"] > 0
     assert not any("::" in op for op in report.op_types)  # still standard ONNX ops only
     meta = read_metadata(path)
-    assert meta.quantization == "int8-dynamic" and meta.quantization_info == int8.INFO
+    assert meta.quantization == "int8-dynamic" and meta.quantization_info.items() >= int8.INFO.items()
     assert meta.int8_weights == "uint8"
     assert set(int8.integer_matmul_weights(onnx.load(str(path))).values()) == {"uint8"}
     runner = OnnxRunner(path)
@@ -407,6 +407,46 @@ def test_int8_export(tiny_int8, tiny_model):
     with torch.inference_mode():
         ref = tiny_model(torch.from_numpy(x)).class_logits
     assert 0 < rel_diff(class_logits, ref) <= 0.1
+
+
+def test_int8_keeps_what_makes_the_masks_and_outputs_float(tiny_int8, tiny_model):
+    """Mixed precision: the MatMuls of the pixel decoder (mask features), the mask head and the class head stay
+    float32, the backbone's and the decoder layers' are int8, and the file says so. Tiny config: 2 encoder
+    layers x 6 MatMuls, the mask head's 3 on each of the 2 masked-attention layers' queries (its first use, on
+    the learned query features, is folded into a constant), the class head's 1."""
+    from model_export.int8 import FLOAT_MODULES
+
+    path, report = tiny_int8
+    info = read_metadata(path).quantization_info
+    cfg = tiny_model.config
+    want = 6 * cfg.encoder_layers + 3 * cfg.decoder_layers + 1
+    assert info["float_modules"] == list(FLOAT_MODULES) and info["float_matmuls"] == want
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer}
+    float_left = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    assert len(float_left) == want and report.op_types["MatMulInteger"] > 0
+    # The last MatMul before each output and mask product is float: class head, mask head.
+    producer = {o: n for n in model.graph.node for o in n.output}
+    class_head = producer["class_logits"]
+    while class_head.op_type not in ("MatMul", "Gemm", "MatMulInteger"):
+        class_head = producer[class_head.input[0]]
+    assert class_head.op_type in ("MatMul", "Gemm")
+
+
+def test_int8_rule_needs_module_records(tiny_export, tmp_path):
+    """The rule reads the module each node was traced in; a graph without those records is refused rather
+    than quantized whole."""
+    from model_export.int8 import float_matmuls, node_modules, prepare
+
+    path, _ = tiny_export
+    source = onnx.load(str(path))
+    assert any(m.startswith("model.pixel_decoder.") for m in node_modules(source).values())
+    prepared = onnx.load(str(prepare(path, tmp_path / "prepared.onnx")))
+    assert float_matmuls(prepared, source)
+    for node in source.graph.node:
+        del node.metadata_props[:]
+    with pytest.raises(ValueError, match="module records"):
+        float_matmuls(prepared, source)
 
 
 def test_int8_products_are_exact_on_this_cpu(tiny_int8):
