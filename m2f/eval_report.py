@@ -94,13 +94,14 @@ class Backend:
 
 
 def parse_spec(spec: str) -> tuple[str | None, Path, str | None]:
-    """``[LABEL=]PATH[@DEVICE]`` -> (label, path, device); a path that exists as written is taken whole."""
+    """``[LABEL=]PATH[@DEVICE]`` -> (label, path, device); a path that exists as written is taken whole. DEVICE:
+    cpu, cuda[:N], or openvino / openvino-bf16 (an .onnx file in OpenVINO on the CPU)."""
     label = device = None
     if not Path(spec).exists():
         head, sep, tail = spec.partition("=")
         if sep and head and "/" not in head:
             label, spec = head, tail
-        m = re.fullmatch(r"(.+)@(cpu|cuda(?::\d+)?)", spec)
+        m = re.fullmatch(r"(.+)@(cpu|cuda(?::\d+)?|openvino(?:-bf16)?)", spec)
         if m and not Path(spec).exists():
             spec, device = m.group(1), m.group(2)
     return label, Path(spec), device
@@ -119,7 +120,13 @@ def open_backend(spec: str, device: str = "cpu", labels: str | None = None, thre
     if not path.exists():
         raise FileNotFoundError(f"--model {spec}: no such file or folder {path}")
     start = time.perf_counter()
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" and device.startswith("openvino"):  # PATH@openvino[-bf16]: the file in OpenVINO
+        runner = open_runner(path, device, threads=threads)
+        described = runner.describe()
+        precision = "int8" if runner.metadata.quantization else described["precision"]
+        info = {k: described[k] for k in ("sha256", "source_sha256", "quantization", "runtime", "precision")}
+        runtime, device = "openvino", "cpu"
+    elif path.suffix == ".onnx":
         runner = open_runner(path, "onnxruntime", device=device, threads=threads)
         meta = runner.metadata
         precision = "int8" if meta.quantization else ("fp16" if runner.input.dtype == np.float16 else "fp32")
@@ -142,7 +149,7 @@ def open_backend(spec: str, device: str = "cpu", labels: str | None = None, thre
             runner = load_model(path, device=device, labels=labels)
         info = _checkpoint_hash(path)
     load_s = time.perf_counter() - start
-    default = f"{'torch' if runtime == 'torch' else 'onnx'}-{precision}" + ("" if device == "cpu" else f"@{device}")
+    default = f"{runtime if runtime != 'onnxruntime' else 'onnx'}-{precision}" + ("" if device == "cpu" else f"@{device}")
     return Backend(label or default, spec, path, runtime, device, precision, runner, info, load_s)
 
 

@@ -5,6 +5,8 @@
 - :mod:`runtimes.onnx_runner`: ``OnnxRunner``, a graph written by ``m2f export onnx``, without torch.
 - :mod:`runtimes.ort_session`: how ONNX Runtime sessions are opened (threads, graph optimizations), for the
   runner and for the exporter's check alike.
+- :mod:`runtimes.openvino_runner`: ``OpenVinoRunner``, the same ``.onnx`` file in OpenVINO (an optional extra).
+- :mod:`runtimes.cpu_class`: which of them serves on which CPU class (a table, measured in ``bench/``).
 
 :func:`open_runner` opens the runner for a runtime name, importing only that runtime's package. Importing
 this package imports neither torch nor onnxruntime; ``runtimes.OnnxRunner`` loads on first use.
@@ -28,7 +30,16 @@ def open_runner(
     threads: int | None = None,
     cache_dir: str | Path | None = None,
 ) -> Runner:
-    """The runner for ``runtime`` ("torch" or "onnxruntime"); only that runtime's package is imported."""
+    """The runner for ``runtime``; only that runtime's package is imported. "torch"; "onnxruntime";
+    "openvino" / "openvino-bf16" (an .onnx file in OpenVINO, f32 or bf16 inference precision); "auto" (an .onnx
+    file on the CPU): the runtime :data:`runtimes.cpu_class.DEFAULT_RUNNER` picks for this CPU's class."""
+    if runtime == "auto":
+        if device != "cpu":
+            runtime = "onnxruntime"
+        else:
+            from runtimes.cpu_class import default_runtime  # lazy: onnxruntime (its int8 kernel probe)
+
+            runtime = default_runtime()[1]
     if runtime == "torch":
         return TorchRunner(model, device=device, threads=threads)
     if runtime == "onnxruntime":
@@ -38,7 +49,14 @@ def open_runner(
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         return OnnxRunner(model, threads=threads, cache_dir=cache_dir, providers=providers)
-    raise ValueError(f"unknown runtime {runtime!r}; choose torch or onnxruntime")
+    if runtime in ("openvino", "openvino-bf16"):
+        if model is None or device != "cpu":
+            raise ValueError("the openvino runtime runs an .onnx file on the CPU")
+        from runtimes.openvino_runner import OpenVinoRunner  # lazy: openvino (an optional extra)
+
+        precision = "bf16" if runtime == "openvino-bf16" else "f32"
+        return OpenVinoRunner(model, threads=threads, precision=precision, cache_dir=cache_dir)
+    raise ValueError(f"unknown runtime {runtime!r}; choose torch, onnxruntime, openvino, openvino-bf16 or auto")
 
 
 def __getattr__(name: str) -> Any:

@@ -74,7 +74,7 @@ HEAVY = {
 }
 MAX_LINES = 600
 TORCH_FREE_PACKAGES = ("pipeline", "model_format", "service")
-TORCH_FREE_MODULES = ("runtimes.onnx_runner", "runtimes.ort_session")
+TORCH_FREE_MODULES = ("runtimes.onnx_runner", "runtimes.ort_session", "runtimes.openvino_runner", "runtimes.cpu_class")
 NOT_ON_THE_TORCH_FREE_PATH = {"torch", "triton", "transformers"}
 HTTP = {
     "fastapi",

@@ -1,0 +1,85 @@
+"""Which runner serves an exported graph on which CPU: one table keyed by the CPU's class, measured once at start.
+
+The class comes from what this CPU measurably does, as the int8 kernel probe (:func:`model_format.int8.cpu_int8_kernel`)
+measures how ONNX Runtime multiplies int8 here, plus the AMX flags the kernel reports:
+
+- ``amx``: AMX tiles with bf16 (Intel Sapphire Rapids and later): bf16 matmuls several times faster than fp32;
+- ``avx512-vnni``: AVX-512 with VNNI (Intel Cascade Lake .. Ice Lake, AMD Zen 4/5): exact u8 x s8 int8;
+- ``avx2``: no VNNI (the probe's int16 pair sums saturate; AMD Zen 1-3, older Intel) or AVX-VNNI without AVX-512;
+- ``other``: not x86 (ARM and the rest).
+
+A runner other than ONNX Runtime becomes the default for a class only where it was measured side by side
+(``bench/cpu_runtimes.py``) to be at least 15 % faster at equal accuracy; the ``why`` of each row says what was
+measured, and where (BENCHMARKS.md, "The CPU forward pass per CPU class"). No tuning while serving.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+from model_format.int8 import cpu_int8_kernel
+
+CPU_CLASSES = ("amx", "avx512-vnni", "avx2", "other")
+
+
+@dataclass(frozen=True)
+class Choice:
+    runtime: str  # a runtime name open_runner takes: "onnxruntime", "openvino", "openvino-bf16"
+    why: str
+
+
+DEFAULT_RUNNER: dict[str, Choice] = {
+    "amx": Choice(
+        "onnxruntime",
+        "not measured: no AMX host was available (2026-12-07). The candidate is OpenVINO bf16 (runtime "
+        "'openvino-bf16'); adopt it here once bench/cpu_runtimes.py on an AMX host shows >= 15 % at the demo's ΔPQ "
+        "bound",
+    ),
+    "avx512-vnni": Choice(
+        "onnxruntime",
+        "measured on an AMD EPYC (Zen 4, AVX512_VNNI + AVX512_BF16, 2 cores), swin-tiny 384/640: OpenVINO f32 within "
+        "a few percent of ONNX Runtime fp32, OpenVINO bf16 faster but over the accuracy bound, ONNX Runtime int8 "
+        "(mixed precision) the fastest exact-enough option and an export choice, not a runner one",
+    ),
+    "avx2": Choice(
+        "onnxruntime",
+        "measured on an AMD EPYC with AVX2 only (issue 32, 2026-12-07): OpenVINO f32 1.05-1.15x faster than ONNX "
+        "Runtime fp32, under the 15 % bar; OpenVINO runs int8 graphs slower than ONNX Runtime",
+    ),
+    "other": Choice("onnxruntime", "not x86: ONNX Runtime runs everywhere; nothing else was measured"),
+}
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def classify(kernel: str, flags: set[str]) -> str:
+    """The CPU class from the int8 kernel probe's answer (``cpu_int8_kernel``) and the CPU's feature flags."""
+    if kernel == "exact":
+        return "other"
+    if {"amx_tile", "amx_bf16"} <= flags:
+        return "amx"
+    if kernel == "vnni" and "avx512f" in flags:
+        return "avx512-vnni"
+    return "avx2"
+
+
+@functools.cache
+def cpu_class() -> str:
+    """This CPU's class (:data:`CPU_CLASSES`), measured once per process."""
+    return classify(cpu_int8_kernel(), _cpu_flags())
+
+
+def default_runtime() -> tuple[str, str, str]:
+    """(CPU class, the runtime :data:`DEFAULT_RUNNER` picks for it, why)."""
+    cls = cpu_class()
+    return cls, DEFAULT_RUNNER[cls].runtime, DEFAULT_RUNNER[cls].why
