@@ -186,8 +186,10 @@ def _add_serve(sub: Any) -> None:
     )
     p.add_argument(
         "--model",
-        type=Path,
-        help="HF checkpoint folder, detectron2 .pkl/.pth file or .onnx file (default: the demo model)",
+        action="append",
+        metavar="[NAME=]PATH",
+        help="HF checkpoint folder, detectron2 .pkl/.pth file or .onnx file (default: the demo model); repeatable "
+        "as NAME=PATH to serve several by name (the first is the default), or a model repository folder",
     )
     p.add_argument("--device", help="torch device (cpu, cuda, ...)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
@@ -204,6 +206,12 @@ def _add_serve(sub: Any) -> None:
     p.add_argument("--cache-dir", type=Path, help="ONNX Runtime optimized-graph cache folder")
     p.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--log-format", choices=("text", "json"), help="json: one JSON object per log line (text)")
+    p.add_argument(
+        "--keys-file",
+        type=Path,
+        help='API keys, JSON {"segment": [...], "admin": [...]}: segment keys close the segment routes to requests '
+        "without one; admin keys turn on the routes that load and unload models",
+    )
     p.set_defaults(run=_serve)
 
 
@@ -213,10 +221,13 @@ def _serve(args: argparse.Namespace) -> int:
     from service.server import serve  # lazy: fastapi, uvicorn (the serve extra)
     from service.settings import Settings  # lazy: pydantic-settings (the serve extra)
 
-    names = ("model", "device", "host", "port", "threads", "max_batch_size", "max_batch_delay_ms", "request_timeout_s")
-    names += ("memory_mb", "cache_dir", "log_level", "log_format")
+    names = ("device", "host", "port", "threads", "max_batch_size", "max_batch_delay_ms", "request_timeout_s")
+    names += ("memory_mb", "cache_dir", "log_level", "log_format", "keys_file")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.model:
+        given["model"] = ",".join(args.model)
     try:
-        settings = Settings(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+        settings = Settings(**given)
     except ValidationError as e:
         raise ValueError(f"invalid settings: {e}") from None
     return serve(settings)

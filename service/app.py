@@ -1,10 +1,16 @@
 """The HTTP service: thin FastAPI routes over the service state, the scheduler and the pipeline.
 
-``create_app(settings)`` builds the app; the model loads and warms up in the background after start-up
-(``/healthz`` answers at once, ``/readyz`` once the model is ready; :meth:`service.state.ServiceState.start`).
+``create_app(settings)`` builds the app; the models load and warm up in the background after start-up
+(``/healthz`` answers at once, ``/readyz`` once every model is ready; :meth:`service.state.ServiceState.start`).
 A segmentation request goes through :func:`service.segment.answer`: upload under its own limits, then the
 scheduler (:mod:`service.scheduler`) admits it by predicted work and memory and runs its decoding, its share
-of a batch, post-processing and encoding, all within one deadline. Errors are answered in the JSON format of :mod:`service.errors`.
+of a batch, post-processing and encoding, all within one deadline. Errors are answered in the JSON format of
+:mod:`service.errors`.
+
+Models are addressed by name: ``POST /v1/models/{name}/segment``, ``GET /v1/models``, ``GET /v1/models/{name}``;
+``POST /v1/segment`` and ``GET /v1/model`` are the default model's. With admin keys, ``PUT /v1/models/{name}``
+loads a model or a new version of it while serving, ``DELETE /v1/models/{name}`` unloads one
+(:mod:`service.access`).
 
 On SIGTERM (see :mod:`service.server`, which runs it with uvicorn) the service stops admitting (503 ``draining``,
 ``/readyz`` 503) and finishes what it accepted before exiting (each request ends by its deadline).
@@ -18,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,13 +33,21 @@ from runtimes import Runner
 from service.docs import add_offline_docs
 from service.errors import add_error_handlers
 from service.logs import RequestIdMiddleware
-from service.openapi import METRICS_RESPONSES, MODEL_RESPONSES, READINESS_RESPONSES, SEGMENT_BODY, SEGMENT_RESPONSES
-from service.schemas import Health, ModelInfo, Readiness, SegmentResponse
+from service.openapi import (
+    ADMIN_RESPONSES,
+    METRICS_RESPONSES,
+    MODEL_RESPONSES,
+    READINESS_RESPONSES,
+    SEGMENT_BODY,
+    SEGMENT_RESPONSES,
+)
+from service.schemas import Health, LoadRequest, ModelInfo, ModelList, ModelSummary, Readiness, SegmentResponse
 from service.segment import SegmentQuery, answer_unless_abandoned
 from service.segment import model_info as describe_model
-from service.settings import Settings
+from service.settings import NAME, Settings
 from service.state import ServiceState
 
+ModelName = Annotated[str, PathParam(pattern=NAME.pattern, description="a model's name (GET /v1/models)")]
 WEB_DIR = Path(__file__).parent / "static"  # the web page at / (index.html and its scripts and styles)
 WEB_CSP = (  # the page loads nothing from elsewhere; blob: is its raw-JSON download link
     "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; object-src 'none'; "
@@ -92,12 +107,68 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     async def web_page() -> FileResponse:
         return FileResponse(WEB_DIR / "index.html", headers={"Content-Security-Policy": WEB_CSP})
 
-    @app.get("/v1/model", response_model=ModelInfo, responses=MODEL_RESPONSES)
-    async def model_info() -> dict[str, Any]:
-        return describe_model(state)
+    @app.get("/v1/models", response_model=ModelList, summary="The models served, by name")
+    async def list_models() -> dict[str, Any]:
+        scheduler = state.scheduler
+        versions = [*state.models.values(), *state.draining_versions]
+        models_mb = sum(ln.resident_bytes for ln in scheduler.lanes) / 2**20
+        return {
+            "default": state.default,
+            "models": [v.describe() for v in versions],
+            "memory": {
+                "memory_mb": state.settings.memory_mb,
+                "models_mb": round(models_mb, 1),
+                "requests_mb": round(scheduler.stats().bytes / 2**20, 1),
+            },
+        }
 
-    @app.post("/v1/segment", response_model=SegmentResponse, responses=SEGMENT_RESPONSES, openapi_extra=SEGMENT_BODY)
+    @app.get("/v1/models/{name}", response_model=ModelInfo, responses=MODEL_RESPONSES, summary="One model")
+    async def one_model(name: ModelName) -> dict[str, Any]:
+        return describe_model(state, state.version(name))
+
+    @app.get("/v1/model", response_model=ModelInfo, responses=MODEL_RESPONSES, summary="The default model")
+    async def default_model() -> dict[str, Any]:
+        return describe_model(state, state.version(state.default))
+
+    @app.post(
+        "/v1/models/{name}/segment",
+        response_model=SegmentResponse,
+        responses=SEGMENT_RESPONSES,
+        openapi_extra=SEGMENT_BODY,
+        summary="Segment an image with a named model",
+    )
+    async def segment_with(request: Request, name: ModelName, query: Annotated[SegmentQuery, Depends()]) -> Response:
+        return await answer_unless_abandoned(request, state, name, query)
+
+    @app.post(
+        "/v1/segment",
+        response_model=SegmentResponse,
+        responses=SEGMENT_RESPONSES,
+        openapi_extra=SEGMENT_BODY,
+        summary="Segment an image with the default model",
+    )
     async def segment(request: Request, query: Annotated[SegmentQuery, Depends()]) -> Response:
-        return await answer_unless_abandoned(request, state, query)
+        return await answer_unless_abandoned(request, state, state.default, query)
+
+    @app.put(
+        "/v1/models/{name}",
+        response_model=ModelSummary,
+        responses=ADMIN_RESPONSES,
+        summary="Admin: load a model, or a new version of it (it takes new requests once warmed up)",
+    )
+    async def load_model(request: Request, name: ModelName, body: LoadRequest) -> dict[str, Any]:
+        state.keys.check(request, "admin")
+        version = await state.load(name, Path(body.path))
+        return version.describe()
+
+    @app.delete(
+        "/v1/models/{name}",
+        response_model=ModelSummary,
+        responses=ADMIN_RESPONSES,
+        summary="Admin: unload a model (its admitted requests are answered)",
+    )
+    async def unload_model(request: Request, name: ModelName) -> dict[str, Any]:
+        state.keys.check(request, "admin")
+        return (await state.unload(name)).describe()
 
     return app

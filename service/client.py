@@ -9,7 +9,9 @@ Needs only httpx, numpy, pillow and pycocotools (``pip install ".[client]"``); n
         for s in result.segments:
             print(s.label, s.score, s.area, s.mask.shape)  # s.mask: (H, W) bool, decoded from COCO RLE
         results = client.batch(["a.jpg", "b.jpg", "c.jpg"], concurrency=4)  # in input order
+        client.segment("photo.jpg", model="ade20k")  # a model the server serves by name (client.models())
 
+``Client(url, model="ade20k", api_key=KEY)`` sends every request to that model, with that key.
 :class:`AsyncClient` has the same methods as coroutines. An image is a path (``str`` / ``Path``), encoded bytes,
 a PIL image or a numpy array (H, W, 3) ``uint8`` (RGB; (H, W) grey and (H, W, 4) RGBA work too). A 503 that
 carries ``Retry-After`` (queue full, server loading or draining, too many uploads) is retried after that many
@@ -23,6 +25,7 @@ import asyncio
 import base64
 import io
 import time
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,9 +99,12 @@ class Label:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """``GET /v1/model``: the model's name, runtime, tasks and labels; ``raw`` has the whole answer."""
+    """``GET /v1/models/{name}`` (``/v1/model``: the default model): the name it is served under, its version, the
+    checkpoint's own name (``model``), runtime, tasks and labels; ``raw`` has the whole answer."""
 
     name: str
+    version: int
+    model: str
     runtime: str
     tasks: list[str]
     default_task: str
@@ -153,7 +159,9 @@ def parse_result(doc: dict[str, Any], request_id: str | None = None) -> Segmenta
 
 def parse_model_info(doc: dict[str, Any]) -> ModelInfo:
     labels = [Label(label["id"], label["name"], label["isthing"]) for label in doc["labels"]]
-    return ModelInfo(doc["name"], doc["runtime"], list(doc["tasks"]), doc["default_task"], labels, doc)
+    return ModelInfo(
+        doc["name"], doc["version"], doc["model"], doc["runtime"], list(doc["tasks"]), doc["default_task"], labels, doc
+    )
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -200,6 +208,19 @@ def segment_params(
     if png:
         out["png"] = "true"
     return out
+
+
+def segment_path(model: str | None) -> str:
+    """The route that segments with ``model`` (None: the server's default model)."""
+    return "/v1/segment" if model is None else f"/v1/models/{urllib.parse.quote(model, safe='')}/segment"
+
+
+def info_path(model: str | None) -> str:
+    return "/v1/model" if model is None else f"/v1/models/{urllib.parse.quote(model, safe='')}"
+
+
+def auth_headers(api_key: str | None, headers: dict[str, str] | None) -> dict[str, str]:
+    return {**(headers or {}), **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
 
 
 def request_headers(request_id: str | None) -> dict[str, str]:
@@ -272,9 +293,12 @@ class Client:
         max_retries: int = 3,
         max_wait_s: float = 30.0,
         headers: dict[str, str] | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
     ):
         self.retry = RetryPolicy(max_retries, max_wait_s)
-        self._http = httpx.Client(base_url=url, timeout=timeout, headers=headers)
+        self.model = model
+        self._http = httpx.Client(base_url=url, timeout=timeout, headers=auth_headers(api_key, headers))
 
     def close(self) -> None:
         self._http.close()
@@ -294,14 +318,17 @@ class Client:
         max_instances: int | None = None,
         png: bool = False,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> SegmentationResult:
-        """Segment one image (see the module docstring for the accepted types); parameters as the HTTP API's."""
+        """Segment one image (see the module docstring for the accepted types) with ``model`` (else the client's
+        model, else the server's default); parameters as the HTTP API's."""
         data = encode_image(image)
         params = segment_params(task, threshold, overlap_mask_area_threshold, max_instances, png)
         headers = request_headers(request_id)
+        path = segment_path(model or self.model)
         retries, waited = 0, 0.0
         while True:
-            response = self._http.post("/v1/segment", content=data, params=params, headers=headers)
+            response = self._http.post(path, content=data, params=params, headers=headers)
             delay = self.retry.delay(response, retries, waited)
             if delay is None:
                 break
@@ -356,9 +383,14 @@ class Client:
                 raise TimeoutError(f"server not ready after {timeout:g}s")
             time.sleep(interval)
 
-    def model_info(self) -> ModelInfo:
-        """``GET /v1/model``."""
-        return parse_model_info(check(self._http.get("/v1/model")).json())
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        """``GET /v1/models/{model}`` (else the client's model, else the server's default)."""
+        return parse_model_info(check(self._http.get(info_path(model or self.model))).json())
+
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: ``default`` (the default model's name), ``models`` (one entry per version served:
+        name, version, state, runtime, tasks, memory, ...) and ``memory`` (the budget and its use, MiB)."""
+        return check(self._http.get("/v1/models")).json()
 
 
 class AsyncClient:
@@ -372,9 +404,12 @@ class AsyncClient:
         max_retries: int = 3,
         max_wait_s: float = 30.0,
         headers: dict[str, str] | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
     ):
         self.retry = RetryPolicy(max_retries, max_wait_s)
-        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=headers)
+        self.model = model
+        self._http = httpx.AsyncClient(base_url=url, timeout=timeout, headers=auth_headers(api_key, headers))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -394,14 +429,16 @@ class AsyncClient:
         max_instances: int | None = None,
         png: bool = False,
         request_id: str | None = None,
+        model: str | None = None,
     ) -> SegmentationResult:
         """Segment one image; see :meth:`Client.segment`."""
         data = encode_image(image)
         params = segment_params(task, threshold, overlap_mask_area_threshold, max_instances, png)
         headers = request_headers(request_id)
+        path = segment_path(model or self.model)
         retries, waited = 0, 0.0
         while True:
-            response = await self._http.post("/v1/segment", content=data, params=params, headers=headers)
+            response = await self._http.post(path, content=data, params=params, headers=headers)
             delay = self.retry.delay(response, retries, waited)
             if delay is None:
                 break
@@ -449,5 +486,8 @@ class AsyncClient:
                 raise TimeoutError(f"server not ready after {timeout:g}s")
             await asyncio.sleep(interval)
 
-    async def model_info(self) -> ModelInfo:
-        return parse_model_info(check(await self._http.get("/v1/model")).json())
+    async def model_info(self, model: str | None = None) -> ModelInfo:
+        return parse_model_info(check(await self._http.get(info_path(model or self.model))).json())
+
+    async def models(self) -> dict[str, Any]:
+        return check(await self._http.get("/v1/models")).json()

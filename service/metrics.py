@@ -33,6 +33,8 @@ REJECTION_REASONS = (
     "bad_image",
     "bad_request",
     "disconnected",
+    "unauthorized",
+    "not_found",
 )
 
 
@@ -44,31 +46,46 @@ class Metrics:
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             r.register(collector)
         self.requests = Counter(
-            "m2f_requests", "Segmentation requests answered, by task and HTTP status code", ["task", "code"], registry=r
+            "m2f_requests",
+            "Segmentation requests answered, by model, task and HTTP status code",
+            ["model", "task", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "m2f_request_duration_seconds",
             "Request received -> response ready",
-            ["task"],
+            ["model", "task"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.queue_duration = Histogram(
-            "m2f_queue_duration_seconds", "Request admitted -> its batch starts", buckets=LATENCY_BUCKETS, registry=r
+            "m2f_queue_duration_seconds",
+            "Request admitted -> its batch starts",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inference_duration = Histogram(
-            "m2f_inference_duration_seconds", "Model forward pass of one batch", buckets=LATENCY_BUCKETS, registry=r
+            "m2f_inference_duration_seconds",
+            "Model forward pass of one batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.postprocess_duration = Histogram(
             "m2f_postprocess_duration_seconds",
             "Post-processing and RLE encoding of one request",
-            ["task"],
+            ["model", "task"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, max_batch_size})
         self.batch_size = Histogram(
-            "m2f_batch_size", "Images per forward pass", buckets=[s for s in sizes if s <= max_batch_size], registry=r
+            "m2f_batch_size",
+            "Images per forward pass",
+            ["model"],
+            buckets=[s for s in sizes if s <= max_batch_size],
+            registry=r,
         )
         self.queue_depth = Gauge("m2f_queue_depth", "Requests admitted and waiting for a batch", registry=r)
         self.inflight = Gauge("m2f_inflight_requests", "Requests admitted and not yet answered", registry=r)
@@ -78,4 +95,9 @@ class Metrics:
         self.ready = Gauge(
             "m2f_ready", "1 when the model is loaded and warmed up and the server is not draining", registry=r
         )
-        self.model_info = Gauge("m2f_model_info", "The served model (always 1)", ["model", "runtime"], registry=r)
+        self.model_info = Gauge(
+            "m2f_model_info",
+            "The served models and versions (always 1; a draining version's series goes once it is unloaded)",
+            ["model", "version", "checkpoint", "runtime"],
+            registry=r,
+        )

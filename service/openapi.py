@@ -70,12 +70,28 @@ def errors(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}
 
 
-MODEL_RESPONSES = errors({503: "not_ready: the model is still loading"})
+MODEL_RESPONSES = errors(
+    {404: "not_found: no model of that name (the message lists those there are)", 503: "not_ready: still loading"}
+)
+ADMIN_RESPONSES = errors(
+    {
+        400: "http_error: a body that is not JSON",
+        401: "unauthorized: no admin key, or not a valid one",
+        403: "forbidden: the admin routes are off (the server has no admin keys)",
+        404: "not_found: no model of that name (unload)",
+        409: "conflict: the default model cannot be unloaded",
+        422: "load_failed: the model failed to load (the version serving before goes on), or a malformed body",
+        503: "draining: the server is shutting down",
+        507: "over_memory: the model would not fit the memory budget (memory_mb) beside the models loaded",
+    }
+)
 
 SEGMENT_RESPONSES = errors(
     {
         400: "bad_image (empty, truncated, zero-size or corrupt image) or bad_request (malformed multipart body, "
         f"no file field '{IMAGE_FIELD}', invalid Content-Length)",
+        401: "unauthorized: the server has segment keys and the request named none, or not a valid one",
+        404: "not_found: no model of that name (the message lists those there are)",
         408: "upload_timeout: the body was not sent within the upload timeout, or the upload stalled",
         413: "too_large: the body is over the size limit, or the image over the pixel limit (read from its header)",
         415: "unsupported_media_type: a Content-Type not listed in the request body, or data that is not an image "

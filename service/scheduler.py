@@ -11,27 +11,31 @@ ends, each end calls the dispatcher, and the dispatcher starts work whenever a r
 ready (the rules below never leave both idle while something is ready).
 
 What runs next: the step of the **oldest** job (admission order) that is ready; a pass counts as old as the
-oldest image in it. Images wait for a pass in buckets of similar padded size (:class:`BatchPolicy`); a bucket
-is ready when it is full or its oldest image has waited ``max_delay_s``.
+oldest image in it. Each served model version is a :class:`Lane` with its own runner, batch policy and measured
+rates; its images wait for a pass in buckets of similar padded size (:class:`~pipeline.batch.BatchPolicy`), and a
+bucket is ready when it is full or its oldest image has waited ``max_delay_s``. Passes of several lanes share the
+one inference thread fairly: of the lanes with a ready batch, the one that has had the least pass time goes next
+(a lane that was idle starts from the least pass time among the busy ones, so it cannot bank time), so a model
+that is ten times slower than another takes turns with it instead of holding it behind its backlog.
 
-- ``take_turns`` (a CPU forward pass that uses every core): a pass runs alone. When the oldest ready step is a
-  pass, no newer CPU step starts, and the pass starts as soon as the running ones end. CPU steps run
-  together, up to ``cpu_workers`` at once. Beside a pass they would take cores from it, and it slows by more
-  than they gain (BENCHMARKS.md).
+- ``take_turns`` (a lane whose CPU forward pass uses every core): its pass runs alone. When the next pass is
+  such a lane's and older than the oldest ready CPU step, no newer CPU step starts, and the pass starts as soon
+  as the running ones end. CPU steps run together, up to ``cpu_workers`` at once. Beside a pass they would take
+  cores from it, and it slows by more than they gain (BENCHMARKS.md).
 - otherwise (a GPU, or fewer intra-op threads than cores): passes and CPU steps run side by side; each
   resource takes its oldest ready step.
 
-Admission (:meth:`Scheduler.refusal`): a job is refused (503, with a Retry-After) unless everything admitted
-before it, and it, is predicted to end before its deadline, and its memory fits the budget with the jobs
-already in. The prediction is the sum of the jobs' remaining steps (with the pass on an accelerator, the CPU
-steps divided among the CPU workers), each from its image's size: decode and post-processing scale with the
-original pixels, the pass with the padded input pixels. The seconds per
-pixel are measured on every step served (seeded at start-up): a pass by its wall time (it uses every core),
-a CPU step by its thread's CPU time (its wall time beside a pass or another step counts the waiting for a
-core, which the sum would count twice); a slower step raises them at once, faster steps lower them
-gradually. A job that
-alone is over the budget can never be served: 413. Work past a job's deadline stops at the next step
-boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
+Admission (:meth:`Scheduler.refusal`): a job is refused (503, with a Retry-After) unless it is predicted to end
+before its deadline, and its memory fits the budget beside the models' and the jobs already in. The prediction
+adds up the remaining steps of the jobs ahead of it, each from its image's size: decode and post-processing
+scale with the original pixels, the pass with the padded input pixels. CPU steps are served oldest first, so
+every admitted job's CPU work is ahead; passes are shared fairly, so another lane's pass work counts only up to
+the job's own lane's (with the pass on an accelerator, the CPU steps are divided among the CPU workers). The
+seconds per pixel are measured on every step served (seeded at start-up): a pass by its wall time (it uses
+every core), a CPU step by its thread's CPU time (its wall time beside a pass or another step counts the waiting
+for a core, which the sum would count twice); a slower step raises them at once, faster steps lower them
+gradually. A job that alone is over the budget can never be served: 413. Work past a job's deadline stops at the
+next step boundary: the job is dropped (:class:`Expired`) and no later step of it runs.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ class Job:
     ``.resized_size``) and ``finish(prepared, BatchResult) -> answer`` run on CPU workers; the answer is the
     result of the future :meth:`Scheduler.submit` returns."""
 
+    lane: Lane  # the model version that serves it
     prepare: Callable[[], Any]
     finish: Callable[[Any, BatchResult], Any]
     deadline: float  # time.monotonic()
@@ -145,10 +150,33 @@ class Rates:
         setattr(self, name, new if new > old else (1 - ALPHA) * old + ALPHA * new)
 
 
+@dataclass(eq=False)
+class Lane:
+    """One model version in the scheduler: its forward pass, batch policy and measured rates, and what it holds.
+
+    ``run``: (B, 3, H, W) float32 -> (class_logits, mask_logits), called on the inference thread. ``take_turns``:
+    its passes run alone on the cores (see the module docstring). ``fixed_batch``: the graph's fixed batch size,
+    if any (batches are padded with zero images). ``resident_bytes``: the model's own memory, counted in the
+    budget. ``on_pass``: called with (images, seconds) after each pass (metrics)."""
+
+    name: str
+    run: Callable[[np.ndarray], Outputs]
+    policy: BatchPolicy
+    rates: Rates
+    take_turns: bool = False
+    fixed_batch: int | None = None
+    resident_bytes: int = 0
+    on_pass: Callable[[int, float], None] = lambda n, s: None
+    jobs: int = 0  # admitted, not done
+    served_s: float = 0.0  # pass seconds it has had (fair sharing of the inference thread)
+    retired: bool = False  # admits nothing more; leaves the scheduler once its jobs are done
+    on_empty: Callable[[], None] | None = None  # called once when it has left (retired and empty)
+
+
 # ---------------------------------------------------------------------------------------------- the scheduler
 @dataclass
 class Stats:
-    """What the scheduler holds now (for metrics and /v1/model)."""
+    """What the scheduler holds now (for metrics and /v1/models)."""
 
     admitted: int = 0  # jobs in, not yet done
     waiting_for_pass: int = 0
@@ -159,65 +187,79 @@ class Scheduler:
     """Admits jobs and runs their steps (see the module docstring).
 
     Args:
-        run: (B, 3, H, W) float32 -> (class_logits, mask_logits): the runtime, called on ``infer_pool``.
-        policy: the batch policy.
         infer_pool: a one-thread executor for passes; ``cpu_pool``: ``cpu_workers`` threads for CPU steps.
-        take_turns: whether passes run alone (see the module docstring).
         cores_shared: whether passes run on the CPU cores the CPU steps use (admission adds up their seconds).
-        rates: the seeded seconds per pixel (updated from every step served).
-        max_jobs: jobs admitted at once at most; ``memory_bytes``: their memory estimate at most.
-        fixed_batch: the graph's fixed batch size, if any (batches are padded with zero images).
-        on_pass: called with (images, seconds) after each pass (metrics).
+        max_jobs: jobs admitted at once at most; ``memory_bytes``: the lanes' resident memory and the jobs'
+            memory estimate at most.
         clock: ``time.monotonic`` (what deadlines are in).
     """
 
     def __init__(
         self,
-        run: Callable[[np.ndarray], Outputs],
-        policy: BatchPolicy,
         infer_pool: Executor,
         cpu_pool: Executor,
         cpu_workers: int,
-        take_turns: bool,
         cores_shared: bool,
-        rates: Rates,
         max_jobs: int,
         memory_bytes: int,
-        fixed_batch: int | None = None,
-        on_pass: Callable[[int, float], None] = lambda n, s: None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.run, self.policy = run, policy
         self.infer_pool, self.cpu_pool, self.cpu_workers = infer_pool, cpu_pool, max(cpu_workers, 1)
-        self.take_turns, self.cores_shared = take_turns, cores_shared
-        self.rates = rates
+        self.cores_shared = cores_shared
         self.max_jobs, self.memory_bytes = max_jobs, memory_bytes
-        self.fixed_batch = fixed_batch
-        self.on_pass = on_pass
         self.clock = clock
+        self.lanes: list[Lane] = []
         self._order = itertools.count()
         self._jobs: set[Job] = set()  # admitted, not done
         self._cpu_ready: list[tuple[int, Job]] = []  # heap by admission order: jobs whose next step is CPU work
-        self._items: dict[Job, Item] = {}  # jobs waiting in the policy
+        self._items: dict[Job, Item] = {}  # jobs waiting in their lane's policy
         self._cpu_running = 0
-        self._pass_running = False
+        self._pass_lane: Lane | None = None  # the lane whose pass runs now
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
+    # ------------------------------------------------------------------ lanes
+    def add_lane(self, lane: Lane) -> None:
+        """Serve ``lane`` from now on (its memory counts in the budget at once)."""
+        self.lanes.append(lane)
+
+    def retire(self, lane: Lane, on_empty: Callable[[], None] | None = None) -> None:
+        """Admit nothing more to ``lane``; it leaves once its admitted jobs are done, then ``on_empty`` is called."""
+        lane.retired, lane.on_empty = True, on_empty
+        self._leave_if_done(lane)
+
+    def _leave_if_done(self, lane: Lane) -> None:
+        if lane.retired and lane.jobs == 0 and lane in self.lanes and lane is not self._pass_lane:
+            self.lanes.remove(lane)
+            if lane.on_empty is not None:
+                lane.on_empty()
+
+    def free_bytes(self) -> int:
+        """The memory budget less the lanes' resident memory and the admitted jobs' estimate."""
+        return self.memory_bytes - sum(ln.resident_bytes for ln in self.lanes) - sum(j.cost.bytes for j in self._jobs)
+
     # ------------------------------------------------------------------ admission
-    def _ahead_s(self, jobs: Any) -> float:
-        """Seconds until ``jobs`` are all done, from their remaining steps."""
-        cpu = forward = 0.0
+    def _ahead_s(self, jobs: Any, lane: Lane | None = None) -> float:
+        """Seconds until ``jobs`` are all done, from their remaining steps; with ``lane``, until that lane's
+        jobs among them are done, passes being shared fairly among the lanes (another lane's pass seconds count
+        up to ``lane``'s own)."""
+        cpu = 0.0
+        forward: dict[Lane, float] = {}
         for job in jobs:
             c = job.cost
             if job.step == "decode":
                 cpu += c.decode_s
             if job.step in ("decode", "pass"):
-                forward += c.forward_s
+                forward[job.lane] = forward.get(job.lane, 0.0) + c.forward_s
             cpu += c.post_s
+        if lane is None:
+            passes = sum(forward.values())
+        else:
+            own = forward.get(lane, 0.0)
+            passes = sum(min(f, own) for f in forward.values())
         if self.cores_shared:
-            return forward + cpu  # every step on the same cores: their seconds add up, in turns or not
-        return forward + cpu / self.cpu_workers  # passes on the accelerator, CPU steps side by side
+            return passes + cpu  # every step on the same cores: their seconds add up, in turns or not
+        return passes + cpu / self.cpu_workers  # passes on the accelerator, CPU steps side by side
 
     def retry_after_s(self) -> float:
         """Seconds until the jobs admitted now are likely done (1..60)."""
@@ -232,24 +274,27 @@ class Scheduler:
             return Refused(503, "queue_full", f"{len(self._jobs)} requests are queued", self.retry_after_s())
         if job is None:
             return None
+        if job.lane.retired or job.lane not in self.lanes:
+            return Refused(503, "draining", f"model {job.lane.name} is being unloaded")
         cost = job.cost
-        if cost.bytes > self.memory_bytes:
+        requests_budget = self.memory_bytes - sum(ln.resident_bytes for ln in self.lanes)
+        if cost.bytes > requests_budget:
             return Refused(
                 413,
                 "too_large",
-                f"the image needs about {cost.bytes / 2**20:.0f} MiB to serve, over the server's memory budget of "
-                f"{self.memory_bytes / 2**20:.0f} MiB",
+                f"the image needs about {cost.bytes / 2**20:.0f} MiB to serve, over the {requests_budget / 2**20:.0f} "
+                f"MiB the server's memory budget leaves beside its models",
             )
-        held = sum(j.cost.bytes for j in self._jobs)
-        if held + cost.bytes > self.memory_bytes:
+        free = self.free_bytes()
+        if cost.bytes > free:
             return Refused(
                 503,
                 "over_memory",
-                f"requests in progress hold about {held / 2**20:.0f} MiB of the {self.memory_bytes / 2**20:.0f} MiB "
-                f"memory budget; this image needs {cost.bytes / 2**20:.0f} MiB",
+                f"requests in progress hold all but {max(free, 0) / 2**20:.0f} MiB of the memory the models leave; "
+                f"this image needs {cost.bytes / 2**20:.0f} MiB",
                 self.retry_after_s(),
             )
-        predicted = self._ahead_s([*self._jobs, job])
+        predicted = self._ahead_s([*self._jobs, job], job.lane)
         left = job.deadline - self.clock()
         if MARGIN * predicted > left:
             alone = self._ahead_s([job])
@@ -261,14 +306,20 @@ class Scheduler:
         return None
 
     def submit(self, job: Job) -> asyncio.Future:
-        """Admit ``job`` (raises :class:`Refused`) and return the future of its answer. The future fails with the
-        step's exception, :class:`Expired`, or :class:`Refused` (503 draining) when the scheduler closes first."""
-        job.cost = self.rates.cost(job.original_px, job.padded_px)
+        """Admit ``job`` into its lane (raises :class:`Refused`) and return the future of its answer. The future
+        fails with the step's exception, :class:`Expired`, or :class:`Refused` (503 draining) when the scheduler
+        closes first."""
+        lane = job.lane
+        job.cost = lane.rates.cost(job.original_px, job.padded_px)
         if (refused := self.refusal(job)) is not None:
             raise refused
+        if lane.jobs == 0:  # from idle: start from the least pass time of the busy lanes, not below
+            busy = [ln.served_s for ln in self.lanes if ln.jobs > 0]
+            lane.served_s = max(lane.served_s, min(busy, default=lane.served_s))
         job.seq = next(self._order)
         job.future = asyncio.get_running_loop().create_future()
         self._jobs.add(job)
+        lane.jobs += 1
         heapq.heappush(self._cpu_ready, (job.seq, job))
         self._dispatch()
         return job.future
@@ -279,7 +330,7 @@ class Scheduler:
         if job.step == "done":
             return
         if (item := self._items.pop(job, None)) is not None:
-            self.policy.remove(item)
+            job.lane.policy.remove(item)
         self._end(job, None)
         self._dispatch()
 
@@ -289,16 +340,19 @@ class Scheduler:
         self._closed = True
         for job in list(self._jobs):
             if (item := self._items.pop(job, None)) is not None:
-                self.policy.remove(item)
+                job.lane.policy.remove(item)
             self._end(job, Refused(503, "draining", "the server shut down before this request was answered"))
         if self._timer is not None:
             self._timer.cancel()
 
-    def stats(self) -> Stats:
+    def stats(self, lane: Lane | None = None) -> Stats:
+        """What the scheduler holds now, or ``lane`` holds."""
+        jobs = [j for j in self._jobs if lane is None or j.lane is lane]
+        lanes = self.lanes if lane is None else [lane]
         return Stats(
-            admitted=len(self._jobs),
-            waiting_for_pass=len(self.policy),
-            bytes=sum(j.cost.bytes for j in self._jobs),
+            admitted=len(jobs),
+            waiting_for_pass=sum(len(ln.policy) for ln in lanes),
+            bytes=sum(j.cost.bytes for j in jobs),
         )
 
     # ------------------------------------------------------------------ what runs next
@@ -308,6 +362,7 @@ class Scheduler:
             return
         job.step = "done"
         self._jobs.discard(job)
+        job.lane.jobs -= 1
         fut = job.future
         if fut is not None and not fut.done():
             if ok:
@@ -316,6 +371,7 @@ class Scheduler:
                 fut.cancel()
             else:
                 fut.set_exception(outcome)
+        self._leave_if_done(job.lane)
 
     def _oldest_cpu(self, now: float) -> Job | None:
         """The oldest job whose next step is CPU work and may start (expired ones are dropped on the way)."""
@@ -330,15 +386,23 @@ class Scheduler:
                 return job
         return None
 
-    def _next_batch_seq(self, now: float) -> int | None:
-        """Admission order of the oldest image of the next ready batch (expired images are dropped first)."""
+    def _next_pass(self, now: float) -> tuple[Lane, int] | None:
+        """The lane whose batch goes next and that batch's oldest admission order, or None when no batch is ready
+        (expired images are dropped first): of the lanes with a ready batch, the one that has had the least pass
+        time; among equals, the one with the oldest image."""
         for job, item in list(self._items.items()):
             if now >= job.deadline:
                 del self._items[job]
-                self.policy.remove(item)
+                job.lane.policy.remove(item)
                 self._end(job, Expired("inference"))
-        batch = self.policy.peek(now)
-        return None if batch is None else min(it.seq for it in batch)
+        best: tuple[float, int, Lane] | None = None
+        for lane in self.lanes:
+            batch = lane.policy.peek(now)
+            if batch is not None:
+                key = (lane.served_s, min(it.seq for it in batch), lane)
+                if best is None or key[:2] < best[:2]:
+                    best = key
+        return None if best is None else (best[2], best[1])
 
     def _dispatch(self) -> None:
         """Start every step that may start now (see the module docstring). The only place work starts."""
@@ -346,23 +410,18 @@ class Scheduler:
             return
         now = self.clock()
         while True:
+            if self._pass_lane is not None and self._pass_lane.take_turns:
+                break  # a pass that runs alone: nothing starts beside it
             cpu = self._oldest_cpu(now)
-            batch_seq = None if self._pass_running else self._next_batch_seq(now)
+            nxt = None if self._pass_lane is not None else self._next_pass(now)
             cpu_free = self._cpu_running < self.cpu_workers
-            if self.take_turns:
-                if self._pass_running:
-                    break
-                if batch_seq is not None and (cpu is None or batch_seq < cpu.seq):
-                    if self._cpu_running == 0:
-                        self._start_pass(now)
-                    break  # the pass is next: no newer CPU step starts before it
-                if cpu is not None and cpu_free:
-                    self._start_cpu(cpu)
-                    continue
-                break
+            if nxt is not None and nxt[0].take_turns and (cpu is None or nxt[1] < cpu.seq):
+                if self._cpu_running == 0:
+                    self._start_pass(nxt[0], now)
+                break  # the pass is next: no newer CPU step starts before it
             started = False
-            if batch_seq is not None:
-                self._start_pass(now)
+            if nxt is not None and not nxt[0].take_turns:
+                self._start_pass(nxt[0], now)
                 started = True
             if cpu is not None and cpu_free:
                 self._start_cpu(cpu)
@@ -376,8 +435,9 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        when = self.policy.next_deadline()
-        if when is not None and not self._pass_running and when > now:
+        deadlines = [w for ln in self.lanes if (w := ln.policy.next_deadline()) is not None]
+        when = min(deadlines, default=None)
+        if when is not None and self._pass_lane is None and when > now:
             self._timer = asyncio.get_running_loop().call_later(when - now, self._dispatch)
 
     def _start_cpu(self, job: Job) -> None:
@@ -399,14 +459,14 @@ class Scheduler:
             self._end(job, error)
         else:
             value, _, cpu_s = work.result()
-            self.rates.observe(step, cpu_s, px)
+            job.lane.rates.observe(step, cpu_s, px)
             if job.step == "done":  # cancelled while it ran: the result is dropped
                 pass
             elif step == "decode":
                 job.prepared, job.step, job.ready_at = value, "pass", self.clock()
                 item = Item(value.pixels, value.resized_size, seq=job.seq, job=job)
                 try:
-                    self.policy.add(item, self.clock())
+                    job.lane.policy.add(item, self.clock())
                     self._items[job] = item
                 except ValueError as e:  # does not fit a fixed-shape graph
                     self._end(job, e)
@@ -414,37 +474,39 @@ class Scheduler:
                 self._end(job, value, ok=True)
         self._dispatch()
 
-    def _start_pass(self, now: float) -> None:
-        batch = self.policy.next_batch(now)
+    def _start_pass(self, lane: Lane, now: float) -> None:
+        batch = lane.policy.next_batch(now)
         for it in batch:
             del self._items[it.job]
-        size = self.policy.padded_size(batch)
-        self._pass_running = True
+        size = lane.policy.padded_size(batch)
+        self._pass_lane = lane
         started = self.clock()
         work = asyncio.get_running_loop().run_in_executor(
-            self.infer_pool, _timed, lambda: self.run(assemble(batch, size, self.fixed_batch))
+            self.infer_pool, _timed, lambda: lane.run(assemble(batch, size, lane.fixed_batch))
         )
-        work.add_done_callback(lambda f: self._pass_done(batch, size, started, f))
+        work.add_done_callback(lambda f: self._pass_done(lane, batch, size, started, f))
 
-    def _pass_done(self, batch: list[Item], size: Size, started: float, work: asyncio.Future) -> None:
-        self._pass_running = False
+    def _pass_done(self, lane: Lane, batch: list[Item], size: Size, started: float, work: asyncio.Future) -> None:
+        self._pass_lane = None
+        lane.served_s += self.clock() - started
         jobs = [it.job for it in batch]
         if work.cancelled() or work.exception() is not None:
             error = RuntimeError("the server is shutting down") if work.cancelled() else work.exception()
             if not work.cancelled():
-                log.error("a batch of %d failed: %s", len(batch), error, exc_info=error)
+                log.error("a batch of %d (%s) failed: %s", len(batch), lane.name, error, exc_info=error)
             for job in jobs:
                 self._end(job, error)
         else:
             (class_logits, mask_logits), seconds, _ = work.result()
-            self.rates.observe("pass", seconds / len(batch), size[0] * size[1])
-            self.on_pass(len(batch), seconds)
+            lane.rates.observe("pass", seconds / len(batch), size[0] * size[1])
+            lane.on_pass(len(batch), seconds)
             for i, job in enumerate(jobs):
                 if job.step == "done":
                     continue
                 job.result = BatchResult(class_logits[i], mask_logits[i], len(batch), started - job.ready_at, seconds)
                 job.step = "post"
                 heapq.heappush(self._cpu_ready, (job.seq, job))
+        self._leave_if_done(lane)
         self._dispatch()
 
 

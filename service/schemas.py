@@ -67,11 +67,28 @@ class Label(BaseModel):
     isthing: bool
 
 
-class ModelInfo(BaseModel):
-    name: str
+class ModelSummary(BaseModel):
+    name: str = Field(description="the name requests use: POST /v1/models/{name}/segment")
+    version: int = Field(description="1, 2, ... : each load or reload of the name makes a new version")
+    state: Literal["ready", "draining"] = Field(description="draining: replaced or unloaded, finishing its requests")
+    model: str = Field(description="the checkpoint's own name")
+    path: str | None = Field(description="what it was loaded from (null: the bundled demo checkpoint)")
     runtime: str
     tasks: list[Task]
     default_task: Task
+    labels: int | list[Label] = Field(description="its classes (the listing gives their number)")
+    resident_mb: float = Field(description="memory the model holds, estimated as its weights' size (in memory_mb)")
+    max_batch_size: int
+    loaded_at: str = Field(description="UTC, ISO 8601")
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="the model POST /v1/segment and GET /v1/model answer for")
+    models: list[ModelSummary] = Field(description="the versions taking requests, then those draining")
+    memory: dict = Field(description="memory_mb, what the models hold and what the requests in progress hold (MiB)")
+
+
+class ModelInfo(ModelSummary):
     labels: list[Label]
     input: dict = Field(description="graph input: name, shape (strings for dynamic axes), dtype")
     preprocess: dict = Field(description="resize (shortest/longest edge), mean/std (0..255 scale), size divisor")
@@ -79,6 +96,10 @@ class ModelInfo(BaseModel):
     batching: dict = Field(description="batch size (and the start-up profile), delay, CPU work between passes")
     admission: dict = Field(description="the request deadline, memory budget and input limits")
     runner: dict = Field(description="what the runtime reports about itself")
+
+
+class LoadRequest(BaseModel):
+    path: str = Field(description="on the server: an HF checkpoint folder, a detectron2 file or an .onnx file")
 
 
 class Health(BaseModel):

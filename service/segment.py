@@ -1,14 +1,17 @@
-"""One segmentation request, top to bottom (``POST /v1/segment``), and the model description (``GET /v1/model``).
+"""One segmentation request, top to bottom (``POST /v1/models/{name}/segment``, ``POST /v1/segment`` for the
+default model), and a model's description (``GET /v1/models/{name}``, ``GET /v1/model``).
 
 :func:`answer` is the whole request:
 
-1. refused at once (503) while draining, loading, or with the queue full (:func:`refusal`);
+1. refused at once: 401 without a valid key where segment keys are set, 404 for a model name the server does not
+   serve, 503 while draining, loading, or with the queue full (:func:`refusal`);
 2. :func:`read_upload` reads the body (raw JPEG, PNG, WebP, BMP, TIFF or octet-stream, or a multipart field
    ``image``; else 415) under the upload limits, not the compute ones (:mod:`service.uploads`): at most
    ``MAX_UPLOADS`` bodies at once (503), within the request's deadline and never idle for ``UPLOAD_IDLE_S``
    (408), up to ``MAX_BODY_BYTES`` (413); no number of slow or stalled clients can hold the compute;
-3. the scheduler admits its :class:`~service.scheduler.Job` (else 503 + Retry-After, or 413 when the image alone
-   is over the memory budget) and runs its steps: decode and resize (:func:`prepare`, 415/413/400), its share of
+3. the job is bound to the model's version serving at that moment (a reload swaps versions between requests,
+   never inside one), and the scheduler admits its :class:`~service.scheduler.Job` (else 503 + Retry-After, or
+   413 when the image alone is over the memory budget) and runs its steps: decode and resize (:func:`prepare`, 415/413/400), its share of
    a batched forward pass, post-processing and encoding (``finish``, :func:`pipeline.steps.answer`);
 4. the request waits for the answer until its deadline (504) or until its client leaves (499, counted as
    ``disconnected``); either way the job is cancelled, and no later step of it runs.
@@ -35,6 +38,7 @@ from fastapi.responses import Response
 from pipeline import steps
 from pipeline.processing import ImageTooLarge, UnsupportedImageFormat
 from service.errors import HTTPError, error_response
+from service.models import Version
 from service.scheduler import BatchResult, Expired, Job, Refused
 from service.schemas import Task
 from service.state import ServiceState
@@ -70,14 +74,17 @@ class SegmentQuery:
 
 
 # ---------------------------------------------------------------------------------------------- steps
-def refusal(state: ServiceState) -> HTTPError | None:
-    """The 503 a request gets at once, before its image is read: draining, loading, or the queue full."""
+def refusal(state: ServiceState, name: str) -> HTTPError | None:
+    """The error a request for model ``name`` gets at once, before its image is read: draining, loading, an
+    unknown model, or the queue full."""
     if state.draining:
         return HTTPError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
-    if not state.ready:
-        if state.load_error is not None:
-            return HTTPError(503, "not_ready", f"the model failed to load: {state.load_error}")
-        return HTTPError(503, "not_ready", "the model is still loading", {"Retry-After": "5"})
+    if state.load_error is not None:
+        return HTTPError(503, "not_ready", f"the model failed to load: {state.load_error}")
+    try:
+        state.version(name)
+    except HTTPError as e:
+        return e
     refused = state.scheduler.refusal()
     return None if refused is None else as_http_error(refused)
 
@@ -102,7 +109,7 @@ async def read_upload(request: Request, state: ServiceState, deadline: float) ->
         state.uploads -= 1
 
 
-def prepare(data: bytes, state: ServiceState) -> steps.Prepared:
+def prepare(data: bytes, version: Version) -> steps.Prepared:
     """Bytes -> resized, normalized image; decoding errors as HTTP errors. Runs on a CPU worker."""
     try:
         image = steps.decode(data, MAX_PIXELS)
@@ -112,7 +119,7 @@ def prepare(data: bytes, state: ServiceState) -> steps.Prepared:
         raise HTTPError(413, "too_large", str(e)) from None
     except (ValueError, OSError) as e:  # zero-size, truncated, corrupt
         raise HTTPError(400, "bad_image", f"cannot decode the image: {e}") from None
-    return steps.prepare(image, state.runner.config, state.runner.input.size)
+    return steps.prepare(image, version.runner.config, version.runner.input.size)
 
 
 async def wait_for_answer(request: Request, state: ServiceState, job: Job, deadline: float) -> Any:
@@ -148,23 +155,29 @@ async def wait_for_answer(request: Request, state: ServiceState, job: Job, deadl
 
 
 # ---------------------------------------------------------------------------------------------- the request
-async def answer(request: Request, state: ServiceState, query: SegmentQuery, started: float) -> Response:
-    """The whole request (read, admit, decode, batch, post-process, encode) within its deadline; its status
-    and timings go to the metrics and the access log. ``started``: ``time.perf_counter()`` at its start."""
+async def answer(request: Request, state: ServiceState, name: str, query: SegmentQuery, started: float) -> Response:
+    """The whole request (read, admit, decode, batch, post-process, encode) for model ``name`` within its deadline;
+    its status and timings go to the metrics and the access log. ``started``: ``time.perf_counter()`` at its
+    start."""
     settings = state.settings
     deadline = time.monotonic() + settings.request_timeout_s
-    task_name = query.task or (steps.default_task(state.runner.config) if state.runner else "unknown")
-    request.state.access = {"task": task_name}  # for the access-log line (service.logs)
+    served = state.models.get(name)
+    model_label = name if served is not None else "unknown"  # no metric series per name a client makes up
+    task_name = query.task or (steps.default_task(served.runner.config) if served else "unknown")
+    request.state.access = {"model": name, "task": task_name}  # for the access-log line (service.logs)
     status = 500
     try:
-        if (refused := refusal(state)) is not None:  # before the upload
+        state.keys.check(request, "segment")
+        if (refused := refusal(state, name)) is not None:  # before the upload
             raise refused
         data = await read_upload(request, state, deadline)
+        version = state.version(name)  # the version serving now: a swap during the upload is taken
+        config = version.runner.config
+        task_name = query.task or steps.default_task(config)
         timings: dict[str, float] = {}
-        config = state.runner.config
 
         def prepare_step() -> steps.Prepared:
-            prepared = prepare(data, state)
+            prepared = prepare(data, version)
             timings["decode_s"] = time.perf_counter() - started
             return prepared
 
@@ -191,17 +204,18 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
 
         size = steps.header_size(data)  # (h, w), or None: decoding will say what is wrong
         job = Job(
+            version.lane,
             prepare_step,
             finish_step,
             deadline,
             original_px=0 if size is None else size[0] * size[1],
-            padded_px=0 if size is None else steps.padded_pixels(size, config, state.runner.input.size),
+            padded_px=0 if size is None else steps.padded_pixels(size, config, version.runner.input.size),
         )
         if size is not None:
             request.state.access.update(height=size[0], width=size[1])
         content = await wait_for_answer(request, state, job, deadline)
-        state.metrics.queue_duration.observe(timings["queue_s"])
-        state.metrics.postprocess_duration.labels(task_name).observe(timings["postprocess_s"])
+        state.metrics.queue_duration.labels(name).observe(timings["queue_s"])
+        state.metrics.postprocess_duration.labels(name, task_name).observe(timings["postprocess_s"])
         request.state.access.update({k: timings[k] for k in ("queue_s", "inference_s", "postprocess_s")})
         status = 200
         return Response(content, media_type="application/json")
@@ -217,15 +231,15 @@ async def answer(request: Request, state: ServiceState, query: SegmentQuery, sta
         status = 500
         return error_response(500, "internal", "inference failed; see the server log")
     finally:
-        state.metrics.requests.labels(task_name, str(status)).inc()
-        state.metrics.request_duration.labels(task_name).observe(time.perf_counter() - started)
+        state.metrics.requests.labels(model_label, task_name, str(status)).inc()
+        state.metrics.request_duration.labels(model_label, task_name).observe(time.perf_counter() - started)
 
 
-async def answer_unless_abandoned(request: Request, state: ServiceState, query: SegmentQuery) -> Response:
+async def answer_unless_abandoned(request: Request, state: ServiceState, name: str, query: SegmentQuery) -> Response:
     """:func:`answer`, unless the drain timeout comes first: then every open request is answered 503 draining
     in JSON (one log line each), before uvicorn's own shutdown deadline would cut it off with a plain-text 500."""
     started = time.perf_counter()
-    work = asyncio.ensure_future(answer(request, state, query, started))
+    work = asyncio.ensure_future(answer(request, state, name, query, started))
     abandon = asyncio.ensure_future(state.abandoned.wait())
     try:
         done, _ = await asyncio.wait({work, abandon}, return_when=asyncio.FIRST_COMPLETED)
@@ -242,18 +256,15 @@ async def answer_unless_abandoned(request: Request, state: ServiceState, query: 
     return error_response(503, "draining", "the server shut down before this request was answered")
 
 
-# ---------------------------------------------------------------------------------------------- GET /v1/model
-def model_info(state: ServiceState) -> dict[str, Any]:
-    """The served model: name, runtime, tasks, labels, input, preprocessing, defaults, batching, runner."""
-    if state.runner is None or not state.ready:
-        raise HTTPError(503, "not_ready", "the model is still loading")
-    runner, cfg, settings = state.runner, state.runner.config, state.settings
+# ---------------------------------------------------------------------------------------------- GET /v1/models/{name}
+def model_info(state: ServiceState, version: Version) -> dict[str, Any]:
+    """A served model: name, version, runtime, tasks, labels, input, preprocessing, defaults, batching, runner."""
+    runner, cfg, settings = version.runner, version.runner.config, state.settings
     pre = cfg.preprocess
     return {
-        "name": cfg.name,
-        "runtime": runner.name,
-        "tasks": list(steps.TASKS),
-        "default_task": steps.default_task(cfg),
+        **version.describe(),
+        "name": version.name,
+        "model": cfg.name,
         "labels": [{"id": i, "name": n, "isthing": i in cfg.thing_ids} for i, n in sorted(cfg.id2label.items())],
         "input": {"name": runner.input.name, "shape": list(runner.input.shape), "dtype": str(runner.input.dtype)},
         "preprocess": {
@@ -280,11 +291,11 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         },
         "label_source": cfg.label_source,
         "batching": {
-            "max_batch_size": state.batch_size,
+            "max_batch_size": version.batch_size,
             # seconds of each measured pass (one per round) by batch size; empty when max_batch_size was given
-            "profile_s": {str(b): ts for b, ts in state.batch_seconds.items()},
+            "profile_s": {str(b): ts for b, ts in version.batch_seconds.items()},
             "max_batch_delay_ms": settings.max_batch_delay_ms,
-            "cpu_work_between_passes": state.take_turns,
+            "cpu_work_between_passes": version.lane.take_turns,
         },
         "admission": {
             "request_timeout_s": settings.request_timeout_s,

@@ -4,16 +4,75 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Runtime = Literal["torch", "onnxruntime"]
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"  # in a source checkout or editable install
 DISTRIBUTION = "mask2former-serve"
+DEFAULT_NAME = "default"  # the name of a model given without one
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # model names: safe in a URL path and a metric label
+MODEL_FILES = ("*.onnx", "*.pkl", "*.pth")  # what a model repository's sub-folder may hold (or an HF checkpoint)
+
+
+class ModelSource(NamedTuple):
+    name: str
+    path: Path | None  # None: the bundled demo checkpoint (PyTorch)
+
+
+def runtime_for(path: Path | None) -> Runtime:
+    """onnxruntime for an .onnx file, torch for the rest."""
+    return "onnxruntime" if path is not None and path.suffix == ".onnx" else "torch"
+
+
+def repository_models(folder: Path) -> list[ModelSource]:
+    """The models of a model repository: one per sub-folder (its name), holding an HF checkpoint (config.json) or
+    one .onnx, .pkl or .pth file; the sub-folder ``default``, if any, first, the others by name."""
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not NAME.fullmatch(sub.name):
+            raise ValueError(f"model repository {folder}: {sub.name!r} is not a model name ({NAME.pattern})")
+        files = sorted(f for pattern in MODEL_FILES for f in sub.glob(pattern))
+        if (sub / "config.json").is_file():
+            found.append(ModelSource(sub.name, sub))
+        elif len(files) == 1:
+            found.append(ModelSource(sub.name, files[0]))
+        else:
+            what = "no model file" if not files else f"{len(files)} model files"
+            raise ValueError(
+                f"model repository {folder}: {sub.name}/ holds {what} (one .onnx/.pkl/.pth, or config.json)"
+            )
+    if not found:
+        raise ValueError(f"model repository {folder} has no model folders")
+    return sorted(found, key=lambda m: m.name != DEFAULT_NAME)
+
+
+def parse_models(text: str | None) -> list[ModelSource]:
+    """``--model`` / ``M2F_MODEL``: a path, ``NAME=PATH``, several of them comma-separated, or a model repository
+    folder (a folder that is not itself a checkpoint). The first is the default model (``/v1/segment``)."""
+    if text is None:
+        return [ModelSource(DEFAULT_NAME, None)]
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if len(entries) == 1 and "=" not in entries[0]:
+        path = Path(entries[0])
+        if path.is_dir() and not (path / "config.json").is_file():
+            return repository_models(path)
+    sources = []
+    for entry in entries:
+        name, sep, path = entry.rpartition("=")
+        name = name.strip() if sep else DEFAULT_NAME
+        if not NAME.fullmatch(name):
+            raise ValueError(f"model name {name!r}: use lowercase letters, digits, '.', '_', '-' ({NAME.pattern})")
+        sources.append(ModelSource(name, Path(path.strip())))
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must differ (give several as NAME=PATH): {', '.join(names)}")
+    return sources
 
 
 def demo_onnx() -> Path:
@@ -46,15 +105,17 @@ def torch_demo_available() -> bool:
 
 
 class Settings(BaseSettings):
-    """Every setting of ``m2f serve`` (twelve): ``M2F_MAX_BATCH_SIZE=8`` sets ``max_batch_size`` and so on. Fixed
+    """Every setting of ``m2f serve`` (thirteen): ``M2F_MAX_BATCH_SIZE=8`` sets ``max_batch_size`` and so on. Fixed
     bounds that are not settings are the module constants below and in :mod:`service.segment`."""
 
     model_config = SettingsConfigDict(env_prefix="M2F_", extra="ignore")
 
-    model: Path | None = Field(
+    model: str | None = Field(
         None,
-        description="HF checkpoint folder, detectron2 file or .onnx file (an .onnx runs in ONNX Runtime, the rest in "
-        "PyTorch); default: the bundled demo model (PyTorch where torch is installed, else weights/demo/model.onnx)",
+        description="what to serve: an HF checkpoint folder, detectron2 file or .onnx file (an .onnx runs in ONNX "
+        "Runtime, the rest in PyTorch); NAME=PATH, several comma-separated (the first is the default); or a model "
+        "repository folder (one sub-folder per model); default: the bundled demo model (PyTorch where torch is "
+        "installed, else weights/demo/model.onnx)",
     )
     device: str = Field("cpu", description="PyTorch device: cpu, cuda, cuda:1, ... (ONNX Runtime: cpu)")
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in containers)")
@@ -80,17 +141,33 @@ class Settings(BaseSettings):
     memory_mb: int = Field(
         2048,
         ge=16,
-        description="memory the requests in progress may hold (estimated from their pixels; the model's own is "
-        "apart): an image that needs more gets 413, one that does not fit beside the others 503 + Retry-After",
+        description="memory the models and the requests in progress may hold together (estimated: a model's from "
+        "its load, a request's from its pixels): a model that does not fit is not loaded; an image that needs more "
+        "than the models leave gets 413, one that does not fit beside the others 503 + Retry-After",
     )
     cache_dir: Path | None = Field(None, description="ONNX Runtime optimized-graph cache folder (default: none)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+    keys_file: Path | None = Field(
+        None,
+        description='API keys, a JSON file {"segment": [...], "admin": [...]}: with segment keys the segment routes '
+        "need one (Authorization: Bearer KEY); the admin routes (load, reload, unload models) are on only with "
+        "admin keys, and need one",
+    )
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    def model_sources(self) -> list[ModelSource]:
+        """The models to serve, by name; the first is the default."""
+        return parse_models(self.model)
 
     @property
     def runtime(self) -> Runtime:
-        """onnxruntime for an .onnx file, torch for the rest."""
-        return "onnxruntime" if self.model is not None and self.model.suffix == ".onnx" else "torch"
+        """The default model's runtime: onnxruntime for an .onnx file, torch for the rest."""
+        return runtime_for(self.model_sources()[0].path)
 
     @property
     def drain_timeout_s(self) -> float:
@@ -100,5 +177,6 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve_model(self) -> Settings:
         if self.model is None and not torch_demo_available():
-            self.model = demo_onnx()  # the demo without torch
+            self.model = str(demo_onnx())  # the demo without torch
+        self.model_sources()  # a malformed list or repository fails here, with what is wrong
         return self

@@ -56,17 +56,18 @@ class ServerProcess:
         return self.client.get("/metrics").text
 
     def metric(self, name: str, **labels: str) -> float:
-        """The value of one sample of ``/metrics`` (0 when absent)."""
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        """The sum of the ``/metrics`` samples of ``name`` whose labels include ``labels`` (0 when none)."""
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        total = 0.0
         for line in self.metrics().splitlines():
             if line.startswith("#") or " " not in line:
                 continue
             key, value = line.rsplit(" ", 1)
             sample, _, label_text = key.partition("{")
-            got = ",".join(sorted(label_text.rstrip("}").split(","))) if label_text else ""
-            if sample == name and got == want:
-                return float(value)
-        return 0.0
+            got = set(label_text.rstrip("}").split(",")) if label_text else set()
+            if sample == name and want <= got:
+                total += float(value)
+        return total
 
     def wait_metric(self, name: str, at_least: float, timeout: float = 5.0, **labels: str) -> float:
         """Poll ``/metrics`` until the sample reaches ``at_least`` or ``timeout`` passes; its last value."""

@@ -167,7 +167,7 @@ def test_settings_choose_the_runtime_for_the_demo():
     default = Settings()
     assert (default.model, default.runtime) == (None, "torch")  # as before when torch is there
     ort = Settings(model=DEMO_ONNX)  # the runtime follows the file
-    assert (ort.model, ort.runtime) == (DEMO_ONNX, "onnxruntime")
+    assert (ort.model, ort.runtime) == (str(DEMO_ONNX), "onnxruntime")
 
 
 def test_serve_without_torch_answers_from_the_onnx_demo(start_server, tmp_path):
@@ -181,7 +181,7 @@ def test_serve_without_torch_answers_from_the_onnx_demo(start_server, tmp_path):
     server = start_server("--max-batch-delay-ms", "1", env=blocker(tmp_path, NO_TORCH))
     with Client(server.base) as client:
         info = client.model_info()
-        assert (info.name, info.runtime) == ("mask2former-demo-synth", "onnxruntime")
+        assert (info.model, info.runtime) == ("mask2former-demo-synth", "onnxruntime")
         assert Path(info.raw["runner"]["path"]) == DEMO_ONNX
         result = client.segment(SAMPLE, task="panoptic")
     with torch.inference_mode():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.batch import BatchPolicy
-from service.scheduler import BatchResult, Expired, Job, Rates, Refused, Scheduler
+from service.scheduler import BatchResult, Expired, Job, Lane, Rates, Refused, Scheduler
 
 CHEAP = Rates(decode_s_per_px=1e-9, forward_s_per_px=1e-9, post_s_per_px=1e-9)
 
@@ -29,6 +29,7 @@ class Cores:
         self.passes = self.cpu = 0
         self.overlapped = False  # a CPU step ran during a pass
         self.batches: list[int] = []
+        self.lane: Lane | None = None  # the lane its jobs go to (set by ``scheduler``)
 
     def _draw(self, bounds: tuple[float, float]) -> float:
         with self.lock:
@@ -74,6 +75,7 @@ def make_job(cores: Cores, deadline: float, value: float = 1.0, finished: list |
         return float(result.class_logits[0, 0]) / (h * w), result.batch_size
 
     return Job(
+        cores.lane,
         lambda: cores.step(image, h, w, value),
         lambda p, r: cores.step(finish, p, r),
         deadline,
@@ -85,20 +87,19 @@ def make_job(cores: Cores, deadline: float, value: float = 1.0, finished: list |
 def scheduler(
     cores: Cores, turns: bool = False, max_batch: int = 4, delay_s: float = 0.0, rates: Rates = CHEAP, **kw
 ) -> Scheduler:
+    """A scheduler with one lane that runs ``cores``' passes (``make_job(cores, ...)`` jobs go to it)."""
     policy = BatchPolicy(max_batch_size=max_batch, max_delay_s=delay_s, fixed_size=kw.pop("fixed_size", None))
-    return Scheduler(
-        cores.run,
-        policy,
+    s = Scheduler(
         ThreadPoolExecutor(1),
         ThreadPoolExecutor(2),
         2,
-        turns,
         kw.pop("cores_shared", turns),
-        Rates(**vars(rates)),
         max_jobs=kw.pop("max_jobs", 64),
         memory_bytes=kw.pop("memory_bytes", 2**30),
-        **kw,
     )
+    cores.lane = Lane("m", cores.run, policy, Rates(**vars(rates)), take_turns=turns, **kw)
+    s.add_lane(cores.lane)
+    return s
 
 
 def later(seconds: float) -> float:
@@ -123,7 +124,7 @@ def test_a_failing_step_fails_only_its_own_job_and_a_failing_pass_only_its_batch
     async def go():
         cores = Cores()
         s = scheduler(cores, max_batch=1)
-        bad = Job(lambda: (_ for _ in ()).throw(ValueError("not an image")), lambda p, r: 0, later(5), 1, 1)
+        bad = Job(cores.lane, lambda: (_ for _ in ()).throw(ValueError("not an image")), lambda p, r: 0, later(5), 1, 1)
         good = make_job(cores, later(5))
         f_bad, f_good = s.submit(bad), s.submit(good)
         with pytest.raises(ValueError, match="not an image"):
@@ -133,10 +134,10 @@ def test_a_failing_step_fails_only_its_own_job_and_a_failing_pass_only_its_batch
         def broken(x):
             raise RuntimeError("model failure")
 
-        s.run = broken
+        cores.lane.run = broken
         with pytest.raises(RuntimeError, match="model failure"):
             await s.submit(make_job(cores, later(5)))
-        s.run = cores.run
+        cores.lane.run = cores.run
         assert (await s.submit(make_job(cores, later(5))))[0] == 1.0  # the scheduler goes on
 
     asyncio.run(go())
@@ -275,9 +276,9 @@ def test_measured_steps_update_the_seconds_per_pixel():
         s = scheduler(cores, max_batch=1)
         for _ in range(10):
             await s.submit(make_job(cores, later(5), h=100, w=100))
-        assert s.rates.forward_s_per_px == pytest.approx(0.05 / 10_000, rel=0.5)  # a pass: its wall time
+        assert s.lanes[0].rates.forward_s_per_px == pytest.approx(0.05 / 10_000, rel=0.5)  # a pass: its wall time
         # a CPU step: its thread's CPU time; these sleep, so it is about nothing (waiting is not work)
-        assert s.rates.decode_s_per_px < 0.002 / 10_000 and s.rates.post_s_per_px < 0.002 / 10_000
+        assert s.lanes[0].rates.decode_s_per_px < 0.002 / 10_000 and s.lanes[0].rates.post_s_per_px < 0.002 / 10_000
 
     asyncio.run(go())
 
@@ -294,7 +295,8 @@ def test_a_slower_step_raises_the_estimate_at_once_and_faster_ones_lower_it_grad
 # ---------------------------------------------------------------------------------------------- liveness
 def test_every_request_ends_under_random_bursts_deadlines_and_cancellations():
     """200 bursts of 10-100 requests against the real scheduler, with pass and CPU-step times drawn at random
-    (seeded), random deadlines, cancellations at random moments and failing steps, in both modes. Every request
+    (seeded), random deadlines, cancellations at random moments and failing steps, in both modes, to one lane or
+    two (a second model, slower, taking turns or not). Every request
     must end: answered, refused at admission, failed by its own step, dropped at its deadline, or cancelled.
     A request with a long deadline that is neither cancelled nor failed must be answered: the work of a burst
     takes well under a second, so a request left waiting for seconds means the scheduler stalled. After each
@@ -333,19 +335,26 @@ def test_every_request_ends_under_random_bursts_deadlines_and_cancellations():
             rates=Rates(1e-7, 1e-7, 1e-7),  # 64x64: about 1 ms per step predicted
             max_jobs=rng.choice([16, 64]),
         )
+        lanes = [cores]
+        if rng.random() < 0.5:  # a second model beside the first, its passes taking turns or not
+            other = Cores(random.Random(-i), pass_s=(0.0, 0.008), cpu_s=(0.0, 0.002), fail=0.03)
+            add_lane(s, other, "other", rates=Rates(1e-7, 2e-7, 1e-7), max_batch=rng.choice([1, 2]))
+            other.lane.take_turns = rng.random() < 0.5
+            lanes.append(other)
         n = rng.randint(10, 100)
         tasks = []
         for _ in range(n):
             long = rng.random() < 0.5
             cancel_after = rng.uniform(0.0, 0.05) if rng.random() < 0.2 else (5.5 if long else 0.06)
-            tasks.append(asyncio.ensure_future(request(s, cores, long, cancel_after)))
+            tasks.append(asyncio.ensure_future(request(s, rng.choice(lanes), long, cancel_after)))
             if rng.random() < 0.3:
                 await asyncio.sleep(rng.uniform(0, 0.003))
         results = await asyncio.gather(*tasks)
         outcomes.update(results)
         assert "stuck" not in results, (i, Counter(results))
         await asyncio.sleep(0.01)  # steps of cancelled jobs still running end
-        assert s.stats().admitted == 0 and len(s.policy) == 0 and s._cpu_running == 0 and not s._pass_running
+        assert s.stats().admitted == 0 and all(len(ln.policy) == 0 and ln.jobs == 0 for ln in s.lanes)
+        assert s._cpu_running == 0 and s._pass_lane is None
 
     async def go():
         for i in range(200):
@@ -355,3 +364,94 @@ def test_every_request_ends_under_random_bursts_deadlines_and_cancellations():
     # every kind of ending happened, and most requests were answered
     assert outcomes["answered"] > sum(outcomes.values()) / 3, outcomes
     assert all(outcomes[k] > 0 for k in ("refused", "cancelled", "expired", "failed")), outcomes
+
+
+# ---------------------------------------------------------------------------------------------- several lanes
+def add_lane(s: Scheduler, cores: Cores, name: str, rates: Rates = CHEAP, max_batch: int = 1) -> Lane:
+    """A second (third, ...) lane on ``s``, running ``cores``' passes."""
+    cores.lane = Lane(name, cores.run, BatchPolicy(max_batch_size=max_batch, max_delay_s=0.0), Rates(**vars(rates)))
+    s.add_lane(cores.lane)
+    return cores.lane
+
+
+def test_a_slow_lane_does_not_hold_a_fast_one_behind_its_backlog():
+    """A lane whose passes take 10x longer, 20 jobs deep: a job of the fast lane gets its pass after at most the
+    slow pass that runs and one that starts while it is decoded, not after the slow lane's backlog (FIFO would
+    put it behind all 20)."""
+    order: list[str] = []
+
+    class Logged(Cores):
+        def __init__(self, name: str, pass_s: float):
+            super().__init__(pass_s=(pass_s, pass_s))
+            self.name = name
+
+        def run(self, x):
+            order.append(self.name)
+            return super().run(x)
+
+    async def go():
+        slow, fast = Logged("slow", 0.05), Logged("fast", 0.005)
+        s = scheduler(slow, max_batch=1)
+        slow.lane.run = slow.run
+        add_lane(s, fast, "fast")
+        backlog = [s.submit(make_job(slow, later(30))) for _ in range(20)]
+        for _ in range(3):
+            await asyncio.sleep(0.12)  # a few slow passes in
+            before = len(order)
+            await s.submit(make_job(fast, later(30)))
+            between = order[before:]
+            assert between.count("fast") == 1 and between.index("fast") <= 2, between
+        await asyncio.gather(*backlog)
+        assert order.count("slow") == 20 and order.count("fast") == 3
+
+    asyncio.run(go())
+
+
+def test_admission_counts_another_lanes_passes_only_up_to_the_jobs_own_lane():
+    async def go():
+        slow, fast = Cores(pass_s=(0.02, 0.02)), Cores()
+        s = scheduler(slow, rates=Rates(1e-9, 1e-4, 1e-9), max_batch=1)  # 64x64: 0.4 s predicted per pass
+        add_lane(s, fast, "fast", rates=Rates(1e-9, 1e-6, 1e-9))  # 4 ms per pass
+        backlog = [s.submit(make_job(slow, later(30))) for _ in range(10)]  # 4 s of slow passes predicted
+        with pytest.raises(Refused, match="queued"):
+            s.submit(make_job(slow, later(2.0)))  # behind its own lane's 4 s
+        assert (await s.submit(make_job(fast, later(2.0))))[0] == 1.0  # the slow lane's passes count 4 ms
+        for f in backlog:
+            f.cancel()
+        for job in list(s._jobs):
+            s.cancel(job)
+
+    asyncio.run(go())
+
+
+def test_a_retired_lane_finishes_what_it_admitted_then_leaves():
+    async def go():
+        old, new = Cores(pass_s=(0.01, 0.01)), Cores()
+        s = scheduler(old, max_batch=1)
+        old_lane = old.lane
+        in_flight = [s.submit(make_job(old, later(5))) for _ in range(3)]
+        left = []
+        add_lane(s, new, "new")
+        s.retire(old_lane, on_empty=lambda: left.append(True))
+        old.lane = old_lane
+        with pytest.raises(Refused, match="unloaded"):
+            s.submit(make_job(old, later(5)))
+        assert (await s.submit(make_job(new, later(5))))[0] == 1.0
+        assert [r[0] for r in await asyncio.gather(*in_flight)] == [1.0, 1.0, 1.0]
+        assert left == [True] and s.lanes == [new.lane]
+
+    asyncio.run(go())
+
+
+def test_lane_memory_counts_in_the_budget():
+    async def go():
+        cores = Cores()
+        s = scheduler(cores, memory_bytes=200_000, max_batch=1)  # 100x100 images: 24 + 16 bytes a pixel = 400 kB
+        cores.lane.resident_bytes = 150_000
+        with pytest.raises(Refused, match="MiB") as refused:
+            s.submit(make_job(cores, later(5), h=60, w=60))  # 144 kB, over the 50 kB the model leaves
+        assert refused.value.status == 413
+        cores.lane.resident_bytes = 0
+        assert (await s.submit(make_job(cores, later(5), h=60, w=60)))[0] == 1.0
+
+    asyncio.run(go())

@@ -309,7 +309,7 @@ def test_image_modes_and_formats_are_converted(server, model, case):
 # ---------------------------------------------------------------------------------------------- info
 def test_model_info_docs_and_health(server):
     info = server.client.get("/v1/model").json()
-    assert info["name"] == "mask2former-demo-synth" and info["runtime"] == "torch"
+    assert info["name"] == "default" and info["model"] == "mask2former-demo-synth" and info["runtime"] == "torch"
     assert info["default_task"] == "panoptic" and info["tasks"] == ["panoptic", "instance", "semantic"]
     assert [label["name"] for label in info["labels"]] == [c["name"] for c in synth.CATEGORIES]
     assert [label["isthing"] for label in info["labels"]] == [bool(c["isthing"]) for c in synth.CATEGORIES]
@@ -334,7 +334,8 @@ def test_metrics_exposes_the_documented_names(server):
     for name in names:
         assert re.search(rf"^{name}(_bucket|_count|_sum)?[{{ ]", exposed, flags=re.M), f"{name} not exposed"
     assert server.metric("m2f_ready") == 1
-    assert server.metric("m2f_model_info", model="mask2former-demo-synth", runtime="torch") == 1
+    info = {"model": "default", "version": "1", "checkpoint": "mask2former-demo-synth", "runtime": "torch"}
+    assert server.metric("m2f_model_info", **info) == 1
     assert server.metric("m2f_requests_total", task="panoptic", code="200") > 0
 
 

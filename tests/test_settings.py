@@ -5,14 +5,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from service.settings import Settings
 
 SERVING_DOC = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
 
 
-def test_at_most_twelve_settings_each_in_the_documented_table_and_described():
+def test_at_most_thirteen_settings_each_in_the_documented_table_and_described():
     fields = Settings.model_fields
-    assert len(fields) <= 12, list(fields)
+    assert len(fields) <= 13, list(fields)  # twelve, and the API keys (several models, issue 35)
     rows = [line for line in SERVING_DOC.read_text().splitlines() if line.startswith("| `M2F_")]
     for name, field in fields.items():
         row = next((r for r in rows if f"`M2F_{name.upper()}`" in r), None)
@@ -24,5 +26,35 @@ def test_at_most_twelve_settings_each_in_the_documented_table_and_described():
 def test_the_runtime_follows_the_model_file_and_the_drain_the_deadline(tmp_path):
     onnx = tmp_path / "m.onnx"
     assert Settings(model=onnx).runtime == "onnxruntime"
+    (tmp_path / "config.json").write_text("{}")  # an HF checkpoint folder
     assert Settings(model=tmp_path).runtime == "torch"
     assert Settings(request_timeout_s=7).drain_timeout_s == 7
+
+
+def test_several_models_by_name_or_from_a_model_repository(tmp_path):
+    from service.settings import ModelSource
+
+    assert Settings(model="coco=/m/coco.onnx, ade=/m/ade").model_sources() == [
+        ModelSource("coco", Path("/m/coco.onnx")),
+        ModelSource("ade", Path("/m/ade")),
+    ]
+    assert Settings(model="/m/one.onnx").model_sources() == [ModelSource("default", Path("/m/one.onnx"))]
+    for bad, why in (("a.onnx,b.onnx", "must differ"), ("Big=/m/a.onnx", "model name"), ("a b=/x", "model name")):
+        with pytest.raises(ValueError, match=why):
+            Settings(model=bad)
+    repo = tmp_path / "models"
+    (repo / "zeta").mkdir(parents=True)
+    (repo / "zeta" / "model.onnx").write_bytes(b"")
+    (repo / "default").mkdir()
+    (repo / "default" / "config.json").write_text("{}")
+    (repo / "alpha").mkdir()
+    (repo / "alpha" / "model_final.pkl").write_bytes(b"")
+    sources = Settings(model=repo).model_sources()
+    assert sources == [
+        ModelSource("default", repo / "default"),  # the default first
+        ModelSource("alpha", repo / "alpha" / "model_final.pkl"),
+        ModelSource("zeta", repo / "zeta" / "model.onnx"),
+    ]
+    (repo / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty/ holds no model file"):
+        Settings(model=repo)
