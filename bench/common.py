@@ -244,10 +244,16 @@ def percentiles(latencies: list[float]) -> dict[str, float]:
 
 
 def closed_loop(
-    base: str, data: list[bytes], concurrency: int, seconds: float, params: dict[str, Any], raw: bool = False
+    base: str,
+    data: list[bytes],
+    concurrency: int,
+    seconds: float,
+    params: dict[str, Any],
+    raw: bool = False,
+    path: str = "/v1/segment",
 ) -> dict[str, Any]:
     """``concurrency`` clients (threads, one httpx connection each), each sending the next photo (JPEG bytes of
-    ``data``) to ``POST {base}/v1/segment`` as soon as its answer is in, for ``seconds``; ``params``: the query
+    ``data``) to ``POST {base}{path}`` as soon as its answer is in, for ``seconds``; ``params``: the query
     parameters; ``raw``: the JPEG as the body, else the multipart field ``image``.
 
     Clients behave as ``service.client.Client`` does: a 503 with ``Retry-After`` (the server refused the request
@@ -273,7 +279,7 @@ def closed_loop(
                 n = None
                 while time.monotonic() < stop_at:
                     try:
-                        r = c.post("/v1/segment", params=params, files=files, **body)
+                        r = c.post(path, params=params, files=files, **body)
                         wait = retry_after_s(r) if r.status_code == 503 else None
                         if wait is None:
                             n = len(r.json()["segments"]) if r.status_code == 200 else None
