@@ -373,3 +373,24 @@ def save_screenshot(driver, path: Path) -> None:
     png = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
     path.parent.mkdir(parents=True, exist_ok=True)
     png.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
+
+
+def test_the_model_menu_lists_the_models_and_sends_to_the_one_chosen(driver, start_server, image_path, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from service.settings import demo_onnx
+
+    pytest.importorskip("onnxruntime")
+    second = tmp_path / "second.onnx"
+    second.write_bytes(demo_onnx().read_bytes())
+    server = start_server("--model", f"first={demo_onnx()}", "--model", f"second={second}")
+    driver.get(server.base + "/")
+    wait_for(driver, "document.getElementById('modelname').options.length === 2")
+    menu = Select(driver.find_element(By.ID, "modelname"))
+    assert [o.text for o in menu.options] == ["first", "second"] and menu.first_selected_option.text == "first"
+    menu.select_by_visible_text("second")
+    wait_for(driver, "document.getElementById('model').textContent.includes('second v1')")
+    upload(driver, image_path)
+    assert driver.execute_script("return window.__m2f.status") == "done", error_text(driver)
+    assert "POST /v1/models/second/segment 200" in server.log()

@@ -1,4 +1,5 @@
-// The web page of the segmentation service: send an image to POST v1/segment, draw the segments over it.
+// The web page of the segmentation service: send an image to POST v1/models/{name}/segment (the model chosen in
+// the menu, filled from GET v1/models), draw the segments over it.
 //
 // The drawing is visualize.py's (m2f predict --overlay), pixel for pixel, from overlay.js: segment i gets
 // palette colour i, segments are drawn by score (lowest first), each filled with half its colour and outlined;
@@ -23,7 +24,7 @@ const state = {
   order: [],
   jsonUrl: null,
   seq: 0,
-  defaults: null, // the model's post-processing defaults (GET v1/model)
+  defaults: null, // the chosen model's post-processing defaults (GET v1/models/{name})
 };
 
 function showError(text) {
@@ -49,9 +50,41 @@ async function describeError(response) {
 }
 
 // ------------------------------------------------------------------------------------------- model info
+// The model menu, from GET v1/models (the default model chosen), then the chosen model's description.
+async function loadModels() {
+  try {
+    const r = await fetch("v1/models");
+    if (!r.ok) throw new Error(await describeError(r));
+    const listing = await r.json();
+    const ready = listing.models.filter((m) => m.state === "ready");
+    if (!ready.length) {
+      $("model").textContent = "model loading…";
+      setTimeout(loadModels, 2000);
+      return;
+    }
+    const menu = $("modelname");
+    menu.replaceChildren(
+      ...ready.map((m) => {
+        const option = document.createElement("option");
+        option.value = m.name;
+        option.textContent = m.name;
+        option.selected = m.name === listing.default;
+        return option;
+      }),
+    );
+    await loadModelInfo();
+  } catch (e) {
+    $("model").textContent = `model info unavailable (${e.message})`;
+  }
+}
+
+function modelPath() {
+  return `v1/models/${encodeURIComponent($("modelname").value)}`;
+}
+
 async function loadModelInfo() {
   try {
-    const r = await fetch("v1/model");
+    const r = await fetch(modelPath());
     if (r.status === 503) {
       $("model").textContent = "model loading…";
       setTimeout(loadModelInfo, 2000);
@@ -59,7 +92,7 @@ async function loadModelInfo() {
     }
     if (!r.ok) throw new Error(await describeError(r));
     const info = await r.json();
-    $("model").textContent = `${info.name} · ${info.runtime}`;
+    $("model").textContent = `${info.model} (${info.name} v${info.version}) · ${info.runtime}`;
     if (!state.file) $("task").value = info.default_task;
     state.defaults = info.defaults;
     $("overlap_mask_area_threshold").placeholder = String(info.defaults.panoptic.overlap_mask_area_threshold);
@@ -110,7 +143,7 @@ async function run() {
   setStatus(`segmenting ${file.name}…`);
   const image = decodeImage(file).catch((e) => e);
   try {
-    const r = await fetch(`v1/segment?${queryString()}`, {
+    const r = await fetch(`${modelPath()}/segment?${queryString()}`, {
       method: "POST",
       body: file,
       headers: { "Content-Type": file.type || "application/octet-stream" },
@@ -345,6 +378,10 @@ function setup() {
   });
   $("file").addEventListener("change", (e) => choose(e.target.files[0]));
   $("task").addEventListener("change", taskChanged);
+  $("modelname").addEventListener("change", async () => {
+    await loadModelInfo();
+    if (state.file) run();
+  });
   for (const id of ["task", "threshold", "overlap_mask_area_threshold", "max_instances"]) {
     $(id).addEventListener("change", () => state.file && run());
   }
@@ -364,7 +401,7 @@ function setup() {
   });
   new ResizeObserver(() => layoutLabels()).observe($("view"));
   taskChanged();
-  loadModelInfo();
+  loadModels();
 }
 
 // For tests and debugging: the page's state, read-only views.
