@@ -162,7 +162,8 @@ async def answer(request: Request, state: ServiceState, name: str, query: Segmen
     settings = state.settings
     deadline = time.monotonic() + settings.request_timeout_s
     served = state.models.get(name)
-    model_label = name if served is not None else "unknown"  # no metric series per name a client makes up
+    known = served is not None or any(source.name == name for source in state.sources)
+    model_label = name if known else "unknown"  # no metric series per name a client makes up
     task_name = query.task or (steps.default_task(served.runner.config) if served else "unknown")
     request.state.access = {"model": name, "task": task_name}  # for the access-log line (service.logs)
     status = 500
