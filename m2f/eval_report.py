@@ -149,7 +149,9 @@ def open_backend(spec: str, device: str = "cpu", labels: str | None = None, thre
             runner = load_model(path, device=device, labels=labels)
         info = _checkpoint_hash(path)
     load_s = time.perf_counter() - start
-    default = f"{runtime if runtime != 'onnxruntime' else 'onnx'}-{precision}" + ("" if device == "cpu" else f"@{device}")
+    default = f"{runtime if runtime != 'onnxruntime' else 'onnx'}-{precision}" + (
+        "" if device == "cpu" else f"@{device}"
+    )
     return Backend(label or default, spec, path, runtime, device, precision, runner, info, load_s)
 
 

@@ -1,0 +1,156 @@
+"""The CPU forward pass per runtime, side by side on one host: ``transformers`` eager, ours eager, ONNX Runtime fp32
+and int8, OpenVINO f32, bf16 and int8, on the same weights and the same exported files.
+
+    python bench/cpu_runtimes.py [--sizes 384 640] [--rounds 5] [--json bench/results/cpu_runtimes.json]
+
+The model is bench/common.py's swin-tiny COCO-panoptic checkpoint (random weights shaped like a trained model's),
+exported once per size (fixed size, batch 1) by ``m2f export onnx``: float32, and int8 as the exporter writes it
+(mixed precision: ``model_export.int8.FLOAT_MODULES`` stay float32) plus, for comparison, every MatMul int8 (what
+the exporter wrote before issue 32). Rounds interleave the contenders (each round in a rotated order) so machine
+noise hits all alike; the report gives the median and the spread (min-max) per contender in ms, the ratio to
+``transformers``, and the accuracy against ONNX Runtime fp32 on the same input: max |diff| / max |ref| of the
+class and mask logits, and the share of mask logits with the same sign. The CPU class (runtimes.cpu_class) and
+the default runner it picks are printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import build_checkpoint, checkpoint_folder, full_setting, machine_info  # noqa: E402
+from mask2former import load_model  # noqa: E402
+from model_export.graph import save  # noqa: E402
+from model_export.int8 import prepare, quantize_export, quantize_prepared  # noqa: E402
+from model_export.onnx import export_onnx  # noqa: E402
+from model_format.int8 import cpu_int8_kernel  # noqa: E402
+from model_format.metadata import read_metadata, write_metadata  # noqa: E402
+from runtimes import open_runner  # noqa: E402
+from runtimes.cpu_class import default_runtime  # noqa: E402
+from runtimes.ort_session import available_cpus  # noqa: E402
+
+
+def exports(folder: Path, work: Path, size: int) -> dict[str, Path]:
+    """fp32, int8 (mixed, as exported) and int8 (every MatMul) files of ``folder`` at ``size``, made unless there."""
+    fp32 = work / f"swin-tiny-{size}.onnx"
+    if not fp32.is_file():
+        export_onnx(folder, fp32, height=size, width=size, check=False, log=None)
+    mixed, every = work / f"swin-tiny-{size}-int8.onnx", work / f"swin-tiny-{size}-int8-all.onnx"
+    if not mixed.is_file():
+        shutil.copy(fp32, mixed)
+        quantize_export(mixed)
+    if not every.is_file():
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            proto = quantize_prepared(prepare(fp32, Path(tmp) / fp32.name), [])
+        meta = read_metadata(mixed)
+        write_metadata(
+            proto, type(meta)(**{**meta.__dict__, "quantization_info": {**meta.quantization_info, "float_matmuls": 0}})
+        )
+        save(proto, every)
+    return {"fp32": fp32, "int8": mixed, "int8-all": every}
+
+
+def accuracy(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
+    (cls, mask), (ref_cls, ref_mask) = got, ref
+    return {
+        "class_rel": float(np.abs(cls - ref_cls).max() / np.abs(ref_cls).max()),
+        "mask_rel": float(np.abs(mask - ref_mask).max() / np.abs(ref_mask).max()),
+        "mask_sign": float((np.sign(mask) == np.sign(ref_mask)).mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[384, 640])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (names as printed)")
+    parser.add_argument("--workdir", type=Path, help="keep the checkpoint and exports here (default: a temp dir)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
+
+    threads = available_cpus()
+    torch.set_num_threads(threads)
+    cls, runtime, why = default_runtime()
+    out = {
+        "machine": machine_info(threads),
+        "cpu_class": cls,
+        "int8_kernel": cpu_int8_kernel(),
+        "default_runtime": runtime,
+        "rounds": args.rounds,
+        "results": [],
+    }
+    print(f"{datetime.date.today()} {out['machine']['cpu']}, {threads} threads; CPU class {cls}: default {runtime}")
+    setting = full_setting()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.workdir or Path(tmp)
+        folder = build_checkpoint(setting, checkpoint_folder(work, setting, 0), 0)
+        ours = load_model(folder).eval()
+        theirs = Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval()
+        for size in args.sizes:
+            files = exports(folder, work, size)
+            runners = {
+                "onnxruntime fp32": open_runner(files["fp32"], "onnxruntime", threads=threads),
+                "onnxruntime int8": open_runner(files["int8"], "onnxruntime", threads=threads),
+                "onnxruntime int8 (every MatMul)": open_runner(files["int8-all"], "onnxruntime", threads=threads),
+                "openvino f32": open_runner(files["fp32"], "openvino", threads=threads),
+                "openvino bf16": open_runner(files["fp32"], "openvino-bf16", threads=threads),
+                "openvino int8": open_runner(files["int8"], "openvino", threads=threads),
+            }
+            x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+            xn = x.numpy()
+            runs = {"transformers": lambda x=x: theirs(pixel_values=x), "ours": lambda x=x: ours(x)}
+            runs.update({name: (lambda r=r, xn=xn: r.run(xn)) for name, r in runners.items()})
+            runs = {k: v for k, v in runs.items() if k not in args.skip}
+            ref = runners["onnxruntime fp32"].run(xn)
+            acc = {name: accuracy(r.run(xn), ref) for name, r in runners.items() if name in runs}
+            with torch.inference_mode():
+                o = ours(x)
+                acc["ours"] = accuracy((o.class_logits.numpy(), o.mask_logits.numpy()), ref)
+                for fn in runs.values():  # warm-up
+                    fn()
+                times: dict[str, list[float]] = {k: [] for k in runs}
+                names = list(runs)
+                for i in range(args.rounds):
+                    for name in names[i % len(names) :] + names[: i % len(names)]:
+                        t0 = time.perf_counter()
+                        runs[name]()
+                        times[name].append((time.perf_counter() - t0) * 1e3)
+            base = statistics.median(times["transformers"]) if "transformers" in times else None
+            print(
+                f"{size}x{size}, batch 1, {args.rounds} rounds (median ms, min-max, vs transformers; accuracy vs ORT fp32):"
+            )
+            for name, ms in times.items():
+                med = statistics.median(ms)
+                row = {"size": size, "runtime": name, "median_ms": med, "min_ms": min(ms), "max_ms": max(ms), "ms": ms}
+                row["vs_transformers"] = base / med if base else None
+                row.update(acc.get(name, {}))
+                out["results"].append(row)
+                a = acc.get(name)
+                text = (
+                    f"class {a['class_rel']:.1e}, mask {a['mask_rel']:.1e}, {a['mask_sign']:.3%} mask signs"
+                    if a
+                    else "—"
+                )
+                ratio = f"{row['vs_transformers']:.2f}x" if base else "—"
+                print(f"  {name:32s} {med:7.0f} ({min(ms):.0f}-{max(ms):.0f}) {ratio:>6s}  {text}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
