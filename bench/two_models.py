@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
 
     return {
         "machine": machine_info(threads=0),
-        "args": vars(args),
+        "args": {**vars(args), "json": None if args.json is None else str(args.json)},
         "fast_alone": row(alone),
         "fast_beside_slow": row(beside),
         "slow_saturated": row(slow_result),
@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     results = run(args)
-    results["args"]["json"] = None if args.json is None else str(args.json)
     print(f"{'phase':<28} {'answered':>8} {'img/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'refused':>8}")
     for name in ("fast_alone", "fast_beside_slow", "slow_saturated"):
         r = results[name]

@@ -15,7 +15,8 @@ oldest image in it. Each served model version is a :class:`Lane` with its own ru
 rates; its images wait for a pass in buckets of similar padded size (:class:`~pipeline.batch.BatchPolicy`), and a
 bucket is ready when it is full or its oldest image has waited ``max_delay_s``. Passes of several lanes share the
 one inference thread fairly: of the lanes with a ready batch, the one that has had the least pass time goes next
-(a lane that was idle starts from the least pass time among the busy ones, so it cannot bank time), so a model
+(a lane that comes back from idle starts from the pass time of the lane served last, so it cannot bank the time
+it was idle), so a model
 that is ten times slower than another takes turns with it instead of holding it behind its backlog.
 
 - ``take_turns`` (a lane whose CPU forward pass uses every core): its pass runs alone. When the next pass is
@@ -215,6 +216,9 @@ class Scheduler:
         self._items: dict[Job, Item] = {}  # jobs waiting in their lane's policy
         self._cpu_running = 0
         self._pass_lane: Lane | None = None  # the lane whose pass runs now
+        # The pass time of the lane whose pass started last (the least among the lanes then ready): a lane that
+        # comes back from idle starts here, so it cannot bank the time it was idle and then hold the others.
+        self._virtual_s = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -313,9 +317,8 @@ class Scheduler:
         job.cost = lane.rates.cost(job.original_px, job.padded_px)
         if (refused := self.refusal(job)) is not None:
             raise refused
-        if lane.jobs == 0:  # from idle: start from the least pass time of the busy lanes, not below
-            busy = [ln.served_s for ln in self.lanes if ln.jobs > 0]
-            lane.served_s = max(lane.served_s, min(busy, default=lane.served_s))
+        if lane.jobs == 0:  # from idle: no credit for the time it was idle (see _start_pass)
+            lane.served_s = max(lane.served_s, self._virtual_s)
         job.seq = next(self._order)
         job.future = asyncio.get_running_loop().create_future()
         self._jobs.add(job)
@@ -480,6 +483,7 @@ class Scheduler:
             del self._items[it.job]
         size = lane.policy.padded_size(batch)
         self._pass_lane = lane
+        self._virtual_s = max(self._virtual_s, lane.served_s)
         started = self.clock()
         work = asyncio.get_running_loop().run_in_executor(
             self.infer_pool, _timed, lambda: lane.run(assemble(batch, size, lane.fixed_batch))

@@ -407,6 +407,43 @@ def test_a_slow_lane_does_not_hold_a_fast_one_behind_its_backlog():
     asyncio.run(go())
 
 
+def test_a_lane_back_from_idle_has_banked_no_pass_time():
+    """The fast lane serves alone for a while (0.8 s of passes), then goes idle; the slow lane, idle all along,
+    gets a backlog of 20. A job of the fast lane must still get its pass after at most two slow ones: the slow
+    lane starts from the pass time of the lane served last, not from its own (it would hold the fast lane for
+    the 0.8 s it was idle, about 16 slow passes)."""
+    order: list[str] = []
+
+    class Logged(Cores):
+        def __init__(self, name: str, pass_s: float):
+            super().__init__(pass_s=(pass_s, pass_s))
+            self.name = name
+
+        def run(self, x):
+            order.append(self.name)
+            return super().run(x)
+
+    async def go():
+        slow, fast = Logged("slow", 0.05), Logged("fast", 0.02)
+        s = scheduler(slow, max_batch=1)
+        slow.lane.run = slow.run
+        add_lane(s, fast, "fast")
+        for _ in range(40):
+            await s.submit(make_job(fast, later(30)))
+        backlog = [s.submit(make_job(slow, later(30))) for _ in range(20)]
+        await asyncio.sleep(0.01)
+        before = len(order)
+        await s.submit(make_job(fast, later(30)))
+        between = order[before:]
+        assert between.count("fast") == 1 and between.index("fast") <= 2, between
+        for f in backlog:
+            f.cancel()
+        for job in list(s._jobs):
+            s.cancel(job)
+
+    asyncio.run(go())
+
+
 def test_admission_counts_another_lanes_passes_only_up_to_the_jobs_own_lane():
     async def go():
         slow, fast = Cores(pass_s=(0.02, 0.02)), Cores()
