@@ -170,15 +170,7 @@ class OnnxRunner:
     def run(self, pixel_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, H, W) normalized, padded images -> class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4),
         both float32."""
-        x = np.asarray(pixel_values)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {x.shape}")
-        for axis, (want, got) in enumerate(zip(self.input.shape, x.shape)):
-            if isinstance(want, int) and want != got:
-                raise ValueError(f"pixel_values axis {axis} is {got}; this graph was exported for {want}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"pixel_values must be floating point, got {x.dtype}")
-        x = np.ascontiguousarray(x, dtype=self.input.dtype)
+        x = self.input.check(pixel_values)
         class_logits, mask_logits = self.session.run(self.output_names, {self.input.name: x})
         return class_logits.astype(np.float32, copy=False), mask_logits.astype(np.float32, copy=False)
 

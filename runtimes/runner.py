@@ -39,6 +39,19 @@ class InputSpec:
         h, w = self.shape[2], self.shape[3]
         return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
+    def check(self, pixel_values: np.ndarray) -> np.ndarray:
+        """``pixel_values`` (B, 3, H, W) floating point, checked against this input (a fixed axis must match),
+        as a contiguous array of the graph's dtype; ValueError saying what is wrong."""
+        x = np.asarray(pixel_values)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {x.shape}")
+        for axis, (want, got) in enumerate(zip(self.shape, x.shape)):
+            if isinstance(want, int) and want != got:
+                raise ValueError(f"pixel_values axis {axis} is {got}; this graph was exported for {want}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"pixel_values must be floating point, got {x.dtype}")
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
 
 class Runner(Protocol):
     name: str  # "torch" | "onnxruntime"

@@ -367,6 +367,18 @@ def test_every_request_ends_under_random_bursts_deadlines_and_cancellations():
 
 
 # ---------------------------------------------------------------------------------------------- several lanes
+class Logged(Cores):
+    """Passes of a fixed length that append their lane's name to ``order`` as they start."""
+
+    def __init__(self, name: str, pass_s: float, order: list[str]):
+        super().__init__(pass_s=(pass_s, pass_s))
+        self.name, self.order = name, order
+
+    def run(self, x):
+        self.order.append(self.name)
+        return super().run(x)
+
+
 def add_lane(s: Scheduler, cores: Cores, name: str, rates: Rates = CHEAP, max_batch: int = 1) -> Lane:
     """A second (third, ...) lane on ``s``, running ``cores``' passes."""
     cores.lane = Lane(name, cores.run, BatchPolicy(max_batch_size=max_batch, max_delay_s=0.0), Rates(**vars(rates)))
@@ -380,17 +392,8 @@ def test_a_slow_lane_does_not_hold_a_fast_one_behind_its_backlog():
     put it behind all 20)."""
     order: list[str] = []
 
-    class Logged(Cores):
-        def __init__(self, name: str, pass_s: float):
-            super().__init__(pass_s=(pass_s, pass_s))
-            self.name = name
-
-        def run(self, x):
-            order.append(self.name)
-            return super().run(x)
-
     async def go():
-        slow, fast = Logged("slow", 0.05), Logged("fast", 0.005)
+        slow, fast = Logged("slow", 0.05, order), Logged("fast", 0.005, order)
         s = scheduler(slow, max_batch=1)
         slow.lane.run = slow.run
         add_lane(s, fast, "fast")
@@ -414,17 +417,8 @@ def test_a_lane_back_from_idle_has_banked_no_pass_time():
     the 0.8 s it was idle, about 16 slow passes)."""
     order: list[str] = []
 
-    class Logged(Cores):
-        def __init__(self, name: str, pass_s: float):
-            super().__init__(pass_s=(pass_s, pass_s))
-            self.name = name
-
-        def run(self, x):
-            order.append(self.name)
-            return super().run(x)
-
     async def go():
-        slow, fast = Logged("slow", 0.05), Logged("fast", 0.02)
+        slow, fast = Logged("slow", 0.05, order), Logged("fast", 0.02, order)
         s = scheduler(slow, max_batch=1)
         slow.lane.run = slow.run
         add_lane(s, fast, "fast")
