@@ -32,7 +32,7 @@ from model_format.int8 import WEIGHT_DTYPES, cpu_int8_kernel, store_weights
 from model_format.metadata import file_sha256, read_metadata
 from pipeline.config import Mask2FormerConfig
 from runtimes.ort_session import available_cpus, disabled_optimizers, hardware_tag, open_session, session_options
-from runtimes.runner import InputSpec, default_side
+from runtimes.runner import InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -175,10 +175,8 @@ class OnnxRunner:
         return class_logits.astype(np.float32, copy=False), mask_logits.astype(np.float32, copy=False)
 
     def warmup(self, height: int | None = None, width: int | None = None) -> None:
-        """One run on zeros at the graph's fixed shape, or batch 1 at ``height`` x ``width`` (default: the
-        checkpoint's shortest edge, square), so that first-request latency excludes allocation."""
-        size = self.input.size or (height or default_side(self.config), width or default_side(self.config))
-        self.run(np.zeros((self.input.batch or 1, 3, *size), dtype=self.input.dtype))
+        """One run on :meth:`InputSpec.warmup_batch`."""
+        self.run(self.input.warmup_batch(self.config, height, width))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (for logs, /readyz, model listings)."""

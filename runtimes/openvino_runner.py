@@ -22,7 +22,7 @@ import openvino as ov
 
 from model_format.metadata import file_sha256, read_metadata
 from pipeline.config import Mask2FormerConfig
-from runtimes.runner import InputSpec, available_cpus, default_side
+from runtimes.runner import InputSpec, available_cpus
 
 PRECISIONS = ("f32", "bf16")
 _NP_DTYPES = {ov.Type.f32: np.dtype(np.float32), ov.Type.f16: np.dtype(np.float16)}
@@ -100,10 +100,8 @@ class OpenVinoRunner:
         return class_logits, mask_logits
 
     def warmup(self, height: int | None = None, width: int | None = None) -> None:
-        """One run on zeros at the graph's fixed shape, or batch 1 at ``height`` x ``width`` (default: the
-        checkpoint's shortest edge, square)."""
-        size = self.input.size or (height or default_side(self.config), width or default_side(self.config))
-        self.run(np.zeros((self.input.batch or 1, 3, *size), dtype=self.input.dtype))
+        """One run on :meth:`InputSpec.warmup_batch`."""
+        self.run(self.input.warmup_batch(self.config, height, width))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready summary (for logs, /readyz, model listings)."""

@@ -39,6 +39,13 @@ class InputSpec:
         h, w = self.shape[2], self.shape[3]
         return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
+    def warmup_batch(self, config: Mask2FormerConfig, height: int | None, width: int | None) -> np.ndarray:
+        """Zeros at the graph's fixed shape, or batch 1 at ``height`` x ``width`` (default: the checkpoint's
+        shortest edge, square): what a warm-up runs, so that the first request's latency excludes allocation."""
+        side = default_side(config)
+        size = self.size or (height or side, width or side)
+        return np.zeros((self.batch or 1, 3, *size), dtype=self.dtype)
+
     def check(self, pixel_values: np.ndarray) -> np.ndarray:
         """``pixel_values`` (B, 3, H, W) floating point, checked against this input (a fixed axis must match),
         as a contiguous array of the graph's dtype; ValueError saying what is wrong."""

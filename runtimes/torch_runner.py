@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Mask2FormerConfig
-from runtimes.runner import InputSpec, default_side
+from runtimes.runner import InputSpec
 
 
 class TorchRunner:
@@ -56,8 +56,7 @@ class TorchRunner:
             return out.class_logits.float().cpu().numpy(), out.mask_logits.float().cpu().numpy()
 
     def warmup(self, height: int | None = None, width: int | None = None) -> None:
-        side = default_side(self.config)
-        self.run(np.zeros((1, 3, height or side, width or side), dtype=np.float32))
+        self.run(self.input.warmup_batch(self.config, height, width))
 
     def describe(self) -> dict[str, Any]:
         return {

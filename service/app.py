@@ -111,7 +111,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     async def list_models() -> dict[str, Any]:
         scheduler = state.scheduler
         versions = [*state.models.values(), *state.draining_versions]
-        models_mb = sum(ln.resident_bytes for ln in scheduler.lanes) / 2**20
+        models_mb = scheduler.models_bytes() / 2**20
         return {
             "default": state.default,
             "models": [v.describe() for v in versions],

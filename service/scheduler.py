@@ -238,9 +238,13 @@ class Scheduler:
             if lane.on_empty is not None:
                 lane.on_empty()
 
+    def models_bytes(self) -> int:
+        """The lanes' resident memory (a retired lane's counts until it has left)."""
+        return sum(ln.resident_bytes for ln in self.lanes)
+
     def free_bytes(self) -> int:
         """The memory budget less the lanes' resident memory and the admitted jobs' estimate."""
-        return self.memory_bytes - sum(ln.resident_bytes for ln in self.lanes) - sum(j.cost.bytes for j in self._jobs)
+        return self.memory_bytes - self.models_bytes() - sum(j.cost.bytes for j in self._jobs)
 
     # ------------------------------------------------------------------ admission
     def _ahead_s(self, jobs: Any, lane: Lane | None = None) -> float:
@@ -281,7 +285,7 @@ class Scheduler:
         if job.lane.retired or job.lane not in self.lanes:
             return Refused(503, "draining", f"model {job.lane.name} is being unloaded")
         cost = job.cost
-        requests_budget = self.memory_bytes - sum(ln.resident_bytes for ln in self.lanes)
+        requests_budget = self.memory_bytes - self.models_bytes()
         if cost.bytes > requests_budget:
             return Refused(
                 413,
@@ -348,14 +352,11 @@ class Scheduler:
         if self._timer is not None:
             self._timer.cancel()
 
-    def stats(self, lane: Lane | None = None) -> Stats:
-        """What the scheduler holds now, or ``lane`` holds."""
-        jobs = [j for j in self._jobs if lane is None or j.lane is lane]
-        lanes = self.lanes if lane is None else [lane]
+    def stats(self) -> Stats:
         return Stats(
-            admitted=len(jobs),
-            waiting_for_pass=sum(len(ln.policy) for ln in lanes),
-            bytes=sum(j.cost.bytes for j in jobs),
+            admitted=len(self._jobs),
+            waiting_for_pass=sum(len(ln.policy) for ln in self.lanes),
+            bytes=sum(j.cost.bytes for j in self._jobs),
         )
 
     # ------------------------------------------------------------------ what runs next

@@ -96,7 +96,7 @@ class ServiceState:
         async with self._loading:
             if self.draining:
                 raise HTTPError(503, "draining", "the server is shutting down")
-            available = self.settings.memory_mb * 2**20 - sum(ln.resident_bytes for ln in self.scheduler.lanes)
+            available = self.scheduler.memory_bytes - self.scheduler.models_bytes()
             need = weights_bytes(path)
             if need > available:
                 raise HTTPError(507, "over_memory", _memory_message(name, need, available))
@@ -108,8 +108,6 @@ class ServiceState:
                 )
             except Exception as e:
                 raise HTTPError(422, "load_failed", f"model {name} (version {number}) failed to load: {e}") from e
-            if version.resident_bytes > available:
-                raise HTTPError(507, "over_memory", _memory_message(name, version.resident_bytes, available))
             self._numbers[name] = number
             self._swap(name, version)
             log.info("%s: version %d serving: %s", name, number, json.dumps(version.runner.describe()))
