@@ -3,7 +3,8 @@
 - the machine: :func:`machine_info`;
 - inputs: :func:`parse_size` (``"WxH"`` -> (W, H), as photos are named), :func:`photos` (scikit-image's samples);
 - the service_vs_naive checkpoint: :class:`Setting` (:func:`full_setting`, :func:`tiny_setting`),
-  :func:`checkpoint_folder`, :func:`build_checkpoint` (shaped random weights, :func:`shape_outputs_`);
+  :func:`checkpoint_folder`, :func:`build_checkpoint` (shaped random weights, :func:`shape_outputs_`), and its
+  fp32 and int8 exports (:func:`int8_exports`);
 - the server: :func:`free_port`, :class:`Server` (``m2f serve`` in a subprocess on 127.0.0.1);
 - load: :func:`closed_loop` (HTTP clients in this process), :func:`closed_loop_elsewhere` (the same in a child
   process, ``bench/loadgen.py``, at a lower priority), :func:`percentiles` of latencies;
@@ -24,6 +25,7 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +42,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from model_format.metadata import read_metadata, write_metadata
 from pipeline.config import PreprocessConfig, preprocess_to_hf
 from pipeline.label_sets import LABEL_SETS
 from service.client import retry_after_s
@@ -183,6 +186,33 @@ def build_checkpoint(setting: Setting, folder: Path, seed: int) -> Path:
     (partial / "preprocessor_config.json").write_text(json.dumps(preprocess_to_hf(pre), indent=2) + "\n")
     partial.rename(folder)
     return folder
+
+
+def int8_exports(folder: Path, work: Path, size: int, name: str = "swin-tiny") -> dict[str, Path]:
+    """The checkpoint ``folder`` exported at ``size`` x ``size`` (fixed size, batch 1, unchecked) into ``work``, unless
+    there: "fp32"; "int8" as ``m2f export onnx --quantize int8`` writes it (mixed precision:
+    ``model_export.int8.FLOAT_MODULES`` stay float32); and "int8-all", every MatMul int8 (the exporter before
+    issue 32), for comparison."""
+    from model_export.graph import save  # lazy: torch (the exporter)
+    from model_export.int8 import prepare, quantize_export, quantize_prepared  # lazy: torch (the exporter)
+    from model_export.onnx import export_onnx  # lazy: torch (the exporter)
+
+    fp32 = work / f"{name}-{size}.onnx"
+    if not fp32.is_file():
+        export_onnx(folder, fp32, height=size, width=size, check=False, log=None)
+    mixed, every = work / f"{name}-{size}-int8.onnx", work / f"{name}-{size}-int8-all.onnx"
+    if not mixed.is_file():
+        shutil.copy(fp32, mixed)
+        quantize_export(mixed)
+    if not every.is_file():
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            proto = quantize_prepared(prepare(fp32, Path(tmp) / fp32.name), [])
+        meta = read_metadata(mixed)
+        write_metadata(
+            proto, type(meta)(**{**meta.__dict__, "quantization_info": {**meta.quantization_info, "float_matmuls": 0}})
+        )
+        save(proto, every)
+    return {"fp32": fp32, "int8": mixed, "int8-all": every}
 
 
 # ---------------------------------------------------------------------------------------------- the server

@@ -1,5 +1,6 @@
-"""The CPU forward pass per runtime, side by side on one host: ``transformers`` eager, ours eager, ONNX Runtime fp32
-and int8, OpenVINO f32, bf16 and int8, on the same weights and the same exported files.
+"""The CPU forward pass per runtime, side by side on one host: ``transformers`` eager, ours eager (float32, and bf16
+under PyTorch's autocast), ONNX Runtime fp32 and int8, OpenVINO f32, bf16 and int8, on the same weights and the
+same exported files.
 
     python bench/cpu_runtimes.py [--sizes 384 640] [--rounds 5] [--json bench/results/cpu_runtimes.json]
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,36 +31,19 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_checkpoint, checkpoint_folder, full_setting, machine_info  # noqa: E402
+from bench.common import build_checkpoint, checkpoint_folder, full_setting, int8_exports, machine_info  # noqa: E402
 from mask2former import load_model  # noqa: E402
-from model_export.graph import save  # noqa: E402
-from model_export.int8 import prepare, quantize_export, quantize_prepared  # noqa: E402
-from model_export.onnx import export_onnx  # noqa: E402
 from model_format.int8 import cpu_int8_kernel  # noqa: E402
-from model_format.metadata import read_metadata, write_metadata  # noqa: E402
 from runtimes import open_runner  # noqa: E402
 from runtimes.cpu_class import default_runtime  # noqa: E402
 from runtimes.ort_session import available_cpus  # noqa: E402
 
 
-def exports(folder: Path, work: Path, size: int) -> dict[str, Path]:
-    """fp32, int8 (mixed, as exported) and int8 (every MatMul) files of ``folder`` at ``size``, made unless there."""
-    fp32 = work / f"swin-tiny-{size}.onnx"
-    if not fp32.is_file():
-        export_onnx(folder, fp32, height=size, width=size, check=False, log=None)
-    mixed, every = work / f"swin-tiny-{size}-int8.onnx", work / f"swin-tiny-{size}-int8-all.onnx"
-    if not mixed.is_file():
-        shutil.copy(fp32, mixed)
-        quantize_export(mixed)
-    if not every.is_file():
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            proto = quantize_prepared(prepare(fp32, Path(tmp) / fp32.name), [])
-        meta = read_metadata(mixed)
-        write_metadata(
-            proto, type(meta)(**{**meta.__dict__, "quantization_info": {**meta.quantization_info, "float_matmuls": 0}})
-        )
-        save(proto, every)
-    return {"fp32": fp32, "int8": mixed, "int8-all": every}
+def bf16(model: torch.nn.Module, x: torch.Tensor):
+    """PyTorch's own bf16 path: autocast runs the matmuls and convolutions in bf16 (oneDNN: AMX tiles where the
+    CPU has AMX, AVX512_BF16 instructions where it has those), the rest in float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x)
 
 
 def accuracy(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -101,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = load_model(folder).eval()
         theirs = Mask2FormerForUniversalSegmentation.from_pretrained(folder).eval()
         for size in args.sizes:
-            files = exports(folder, work, size)
+            files = int8_exports(folder, work, size)
             runners = {
                 "onnxruntime fp32": open_runner(files["fp32"], "onnxruntime", threads=threads),
                 "onnxruntime int8": open_runner(files["int8"], "onnxruntime", threads=threads),
@@ -112,14 +95,18 @@ def main(argv: list[str] | None = None) -> int:
             }
             x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
-            runs = {"transformers": lambda x=x: theirs(pixel_values=x), "ours": lambda x=x: ours(x)}
+            runs = {
+                "transformers": lambda x=x: theirs(pixel_values=x),
+                "ours": lambda x=x: ours(x),
+                "ours, torch bf16 autocast": lambda x=x: bf16(ours, x),
+            }
             runs.update({name: (lambda r=r, xn=xn: r.run(xn)) for name, r in runners.items()})
             runs = {k: v for k, v in runs.items() if k not in args.skip}
             ref = runners["onnxruntime fp32"].run(xn)
             acc = {name: accuracy(r.run(xn), ref) for name, r in runners.items() if name in runs}
             with torch.inference_mode():
-                o = ours(x)
-                acc["ours"] = accuracy((o.class_logits.numpy(), o.mask_logits.numpy()), ref)
+                for name, o in (("ours", ours(x)), ("ours, torch bf16 autocast", bf16(ours, x))):
+                    acc[name] = accuracy((o.class_logits.float().numpy(), o.mask_logits.float().numpy()), ref)
                 for fn in runs.values():  # warm-up
                     fn()
                 times: dict[str, list[float]] = {k: [] for k in runs}

@@ -1,6 +1,7 @@
 """The export check: the written graph in ONNX Runtime against the PyTorch model, within a stated tolerance.
 
-:func:`check_against_pytorch` runs both on test inputs and compares the outputs (:class:`CheckResult`);
+:func:`check_against_pytorch` runs both on test inputs and compares the outputs (:class:`CheckResult`); its
+ONNX Runtime half, :func:`run_probed`, can also run apart (in another process, under a CPU emulator);
 :class:`ExportReport` gathers what the exporter (:mod:`model_export.onnx`) did and found, and
 :class:`ExportCheckError` is what it raises when the graph fails. ONNX Runtime sessions are opened with the
 runner's own settings (:mod:`runtimes.ort_session`).
@@ -161,18 +162,24 @@ def _probes(model: Any, layers: int) -> tuple[list[str], list[str]] | None:
     return steps, masks
 
 
-def check_against_pytorch(
-    onnx_model: Any,
-    model: Mask2Former,
-    inputs: Sequence[tuple[int, int, int, int] | np.ndarray],
-    tolerance: float = TOLERANCE["float32"],
-    dtype: str = "float32",
-    seed: int = 0,
-) -> list[CheckResult]:
-    """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime and the float32 PyTorch model on each
-    input (an array, or a (B, 3, H, W) shape for a standard-normal one drawn with ``seed``); compare the
-    outputs and every layer's attention mask (see the module docstring). A plugin graph runs with the plugin
-    nodes' CPU reference implementations."""
+@dataclass
+class ProbedOutputs:
+    """What ONNX Runtime computed for one input: the outputs, and (when the graph's probes were found) each
+    decoder layer's mask logits and attention mask, as :func:`run_probed` returns them."""
+
+    arrays: list[np.ndarray]  # class_logits, mask_logits, then the probes (layers' mask logits, then masks)
+    probed: bool  # the probes were found: arrays holds them after the two outputs
+    plugin_graph: bool  # the masks are a plugin graph's mask-logits inputs, not boolean masks
+    seconds: float = 0.0
+
+
+def run_probed(
+    onnx_model: Any, layers: int, arrays: Sequence[np.ndarray], dtype: str = "float32"
+) -> list[ProbedOutputs]:
+    """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime, with the runner's session settings, on
+    each (B, 3, H, W) array, reading also the intermediate tensors :func:`_probes` names. This is the half of
+    the check that involves only ONNX Runtime: it can run in another process or under a CPU emulator, and
+    :func:`check_against_pytorch` then compares its results (``onnx_outputs``) with PyTorch's."""
     from runtimes.ort_session import (  # lazy: onnxruntime (an export with check=False runs without it)
         available_cpus,
         open_session,
@@ -182,7 +189,6 @@ def check_against_pytorch(
     if isinstance(onnx_model, str | Path):
         onnx_model = onnx.load(str(onnx_model))
     plugin_graph = is_plugin_graph(onnx_model)
-    layers = model.config.decoder_layers
     # Expose the intermediate mask logits and attention masks as extra outputs of a copy of the graph (not
     # possible past protobuf's 2 GB; then only the outputs are compared).
     small = onnx_model.ByteSize() < LARGE_MODEL_BYTES
@@ -211,25 +217,53 @@ def check_against_pytorch(
         session = open_session(source, opts, ["CPUExecutionProvider"])
     del source
     np_dtype = np.float16 if dtype == "float16" else np.float32
-
     results = []
+    for x in arrays:
+        t0 = time.perf_counter()
+        got = session.run([*OUTPUT_NAMES, *extra], {INPUT_NAME: np.asarray(x).astype(np_dtype)})
+        results.append(ProbedOutputs(got, bool(probes), plugin_graph, time.perf_counter() - t0))
+    return results
+
+
+def check_against_pytorch(
+    onnx_model: Any,
+    model: Mask2Former,
+    inputs: Sequence[tuple[int, int, int, int] | np.ndarray],
+    tolerance: float = TOLERANCE["float32"],
+    dtype: str = "float32",
+    seed: int = 0,
+    onnx_outputs: Sequence[ProbedOutputs] | None = None,
+) -> list[CheckResult]:
+    """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime and the float32 PyTorch model on each
+    input (an array, or a (B, 3, H, W) shape for a standard-normal one drawn with ``seed``); compare the
+    outputs and every layer's attention mask (see the module docstring). A plugin graph runs with the plugin
+    nodes' CPU reference implementations. ``onnx_outputs``, one per input, are ONNX Runtime's results computed
+    elsewhere by :func:`run_probed` (``onnx_model`` is then not run)."""
+    layers = model.config.decoder_layers
     gen = torch.Generator().manual_seed(seed)
-    for item in inputs:
-        x = torch.from_numpy(np.asarray(item, dtype=np.float32)) if isinstance(item, np.ndarray) else None
-        x = torch.randn(*item, generator=gen) if x is None else x
+    xs = [
+        torch.from_numpy(np.asarray(item, dtype=np.float32))
+        if isinstance(item, np.ndarray)
+        else torch.randn(*item, generator=gen)
+        for item in inputs
+    ]
+    if onnx_outputs is None:
+        onnx_outputs = run_probed(onnx_model, layers, [x.numpy() for x in xs], dtype)
+    if len(onnx_outputs) != len(xs):
+        raise ValueError(f"{len(onnx_outputs)} ONNX Runtime results for {len(xs)} inputs")
+    results = []
+    for x, out in zip(xs, onnx_outputs, strict=True):
         shape = tuple(x.shape)
         t0 = time.perf_counter()
-        got = session.run([*OUTPUT_NAMES, *extra], {INPUT_NAME: x.numpy().astype(np_dtype)})
-        t1 = time.perf_counter()
         with torch.inference_mode():
             ref = model(x, aux=True)
-        t2 = time.perf_counter()
-        got = [torch.from_numpy(g if g.dtype == np.bool_ else g.astype(np.float32)) for g in got]
+        t1 = time.perf_counter()
+        got = [torch.from_numpy(g if g.dtype == np.bool_ else g.astype(np.float32)) for g in out.arrays]
         ref_steps = [*ref.attention_logits, ref.mask_logits]  # per layer (B, Q, S_l), then (B, Q, H/4, W/4)
-        result = CheckResult(shape, {}, {}, tolerance, seconds_onnxruntime=t1 - t0, seconds_pytorch=t2 - t1)
-        if probes:
+        result = CheckResult(shape, {}, {}, tolerance, seconds_onnxruntime=out.seconds, seconds_pytorch=t1 - t0)
+        if out.probed:
             ort_steps = [*got[2 : 2 + layers], got[1]]
-            if plugin_graph:  # the mask each masked-attention node derived from its logits (B, Q, S)
+            if out.plugin_graph:  # the mask each masked-attention node derived from its logits (B, Q, S)
                 from model_export.plugins.ops import level_attention_mask  # lazy: triton (plugin graphs only)
 
                 ort_masks = [level_attention_mask(m) for m in got[2 + layers :]]

@@ -148,6 +148,36 @@ def test_check_detects_a_wrong_model(tiny_export, tiny_folder):
     assert not result.passed and result.rel_diff["class_logits"] > REL_TOL
 
 
+def test_check_compares_onnx_outputs_computed_apart(tiny_export, tiny_model):
+    """The check's ONNX Runtime half can run elsewhere (under a CPU emulator: bench/int8_emulated.py): its saved
+    results give the same verdict as a check run whole, and they are what is compared (a moved output, or a
+    flipped attention-mask bit far from a 0 logit, fails the check without the graph being run)."""
+    from model_export.check import ProbedOutputs, run_probed
+
+    path, _ = tiny_export
+    x = inputs((1, 3, 64, 96), seed=3)[0]
+    (got,) = run_probed(path, tiny_model.config.decoder_layers, [x])
+    assert got.probed and len(got.arrays) == 2 + 2 * tiny_model.config.decoder_layers
+    (whole,) = check_against_pytorch(path, tiny_model, [x])
+    (apart,) = check_against_pytorch(None, tiny_model, [x], onnx_outputs=[got])
+    assert whole.passed and apart.passed and apart.max_abs_diff == whole.max_abs_diff
+
+    moved = [a.copy() for a in got.arrays]
+    moved[0] += 0.01 * np.abs(moved[0]).max()  # class logits
+    (result,) = check_against_pytorch(None, tiny_model, [x], onnx_outputs=[ProbedOutputs(moved, True, False)])
+    assert not result.passed and result.rel_diff["class_logits"] > REL_TOL
+
+    layers = tiny_model.config.decoder_layers
+    with torch.inference_mode():
+        level0 = tiny_model(torch.from_numpy(x), aux=True).attention_logits[0][0]  # (Q, S) layer 0's logits
+    flipped = [a.copy() for a in got.arrays]
+    q, s = np.unravel_index(int(level0.argmax()), level0.shape)  # the largest logit: attended, far from 0
+    assert level0[q, s] > 0.5 * level0.abs().max()
+    flipped[2 + layers][..., q, s] = ~flipped[2 + layers][..., q, s]  # layer 0's attention mask
+    (result,) = check_against_pytorch(None, tiny_model, [x], onnx_outputs=[ProbedOutputs(flipped, True, False)])
+    assert not result.passed and result.first_flip_layer == 0 and not result.flips_near_zero
+
+
 def test_attention_mask_flips_are_attributed():
     """A flipped attention-mask bit is accepted only where the logit is within the tolerance of 0."""
     from mask2former.attention_mask import attention_mask_at_level
