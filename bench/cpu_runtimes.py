@@ -2,7 +2,7 @@
 under PyTorch's autocast), ONNX Runtime fp32 and int8, OpenVINO f32, bf16 and int8, on the same weights and the
 same exported files.
 
-    python bench/cpu_runtimes.py [--sizes 384 640] [--rounds 5] [--json bench/results/cpu_runtimes.json]
+    python bench/cpu_runtimes.py [--sizes 384 640] [--rounds 5] [--check] [--json bench/results/cpu_runtimes.json]
 
 The model is bench/common.py's swin-tiny COCO-panoptic checkpoint (random weights shaped like a trained model's),
 exported once per size (fixed size, batch 1) by ``m2f export onnx``: float32, and int8 as the exporter writes it
@@ -10,8 +10,10 @@ exported once per size (fixed size, batch 1) by ``m2f export onnx``: float32, an
 the exporter wrote before issue 32). Rounds interleave the contenders (each round in a rotated order) so machine
 noise hits all alike; the report gives the median and the spread (min-max) per contender in ms, the ratio to
 ``transformers``, and the accuracy against ONNX Runtime fp32 on the same input: max |diff| / max |ref| of the
-class and mask logits, and the share of mask logits with the same sign. The CPU class (runtimes.cpu_class) and
-the default runner it picks are printed with the results.
+class and mask logits, and the share of mask logits with the same sign. With ``--check``, the exporter's own check
+(``model_export.check``: every decoder layer's attention mask and mask logits against PyTorch float32, at the
+float32 tolerance for the float32 contenders and the int8 one for int8 and bf16) judges each contender too. The
+CPU class (runtimes.cpu_class) and the default runner it picks are printed with the results.
 """
 
 from __future__ import annotations
@@ -33,17 +35,38 @@ if __package__ in (None, ""):
 
 from bench.common import build_checkpoint, checkpoint_folder, full_setting, int8_exports, machine_info  # noqa: E402
 from mask2former import load_model  # noqa: E402
+from mask2former.attention_mask import attention_mask_at_level  # noqa: E402
+from model_export.check import INT8_TOLERANCE, TOLERANCE, ProbedOutputs, check_against_pytorch, run_probed  # noqa: E402
 from model_format.int8 import cpu_int8_kernel  # noqa: E402
 from runtimes import open_runner  # noqa: E402
 from runtimes.cpu_class import default_runtime  # noqa: E402
 from runtimes.ort_session import available_cpus  # noqa: E402
 
 
-def bf16(model: torch.nn.Module, x: torch.Tensor):
+def bf16(model: torch.nn.Module, x: torch.Tensor, aux: bool = False):
     """PyTorch's own bf16 path: autocast runs the matmuls and convolutions in bf16 (oneDNN: AMX tiles where the
     CPU has AMX, AVX512_BF16 instructions where it has those), the rest in float32."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        return model(x)
+        return model(x, aux=aux)
+
+
+def probed(name: str, files: dict[str, Path], ours: torch.nn.Module, x: torch.Tensor) -> ProbedOutputs | None:
+    """What the export check compares for contender ``name``: its outputs and each decoder layer's mask logits
+    and attention mask (model_export.check.run_probed for the ONNX files, PyTorch's own for bf16 autocast)."""
+    layers = ours.config.decoder_layers
+    runtime, _, variant = name.partition(" ")
+    file = files["int8-all" if "every" in variant else "int8" if "int8" in variant else "fp32"]
+    if runtime == "onnxruntime":
+        return run_probed(file, layers, [x.numpy()])[0]
+    if runtime == "openvino":
+        return run_probed(file, layers, [x.numpy()], openvino="bf16" if variant == "bf16" else "f32")[0]
+    if "bf16" in name:
+        with torch.inference_mode():
+            out = bf16(ours, x, aux=True)
+        steps = [s.float() for s in out.attention_logits]  # per layer (B, Q, S_l)
+        arrays = [out.class_logits.float(), out.mask_logits.float(), *steps, *map(attention_mask_at_level, steps)]
+        return ProbedOutputs([a.numpy() for a in arrays], True, False)
+    return None
 
 
 def accuracy(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -61,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip", nargs="*", default=[], help="contenders to leave out (names as printed)")
     parser.add_argument("--workdir", type=Path, help="keep the checkpoint and exports here (default: a temp dir)")
+    parser.add_argument("--check", action="store_true", help="also the exporter's check on each contender")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     from transformers import Mask2FormerForUniversalSegmentation  # lazy: transformers (a development dependency)
@@ -116,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.perf_counter()
                         runs[name]()
                         times[name].append((time.perf_counter() - t0) * 1e3)
+            checks = {}
+            if args.check:  # the exporter's check on every contender but the reference itself
+                for name in runs:
+                    got = probed(name, files, ours, x)
+                    if got is not None:
+                        tolerance = TOLERANCE["float32"] if name.endswith(("fp32", "f32")) else INT8_TOLERANCE
+                        (result,) = check_against_pytorch(None, ours, [xn], tolerance, onnx_outputs=[got])
+                        checks[name] = {"check_passed": result.passed, "check": result.describe()}
             base = statistics.median(times["transformers"]) if "transformers" in times else None
             print(
                 f"{size}x{size}, batch 1, {args.rounds} rounds (median ms, min-max, vs transformers; accuracy vs ORT fp32):"
@@ -125,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {"size": size, "runtime": name, "median_ms": med, "min_ms": min(ms), "max_ms": max(ms), "ms": ms}
                 row["vs_transformers"] = base / med if base else None
                 row.update(acc.get(name, {}))
+                row.update(checks.get(name, {}))
                 out["results"].append(row)
                 a = acc.get(name)
                 text = (
@@ -134,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 ratio = f"{row['vs_transformers']:.2f}x" if base else "—"
                 print(f"  {name:32s} {med:7.0f} ({min(ms):.0f}-{max(ms):.0f}) {ratio:>6s}  {text}", flush=True)
+                if name in checks:
+                    print(f"      check: {checks[name]['check']}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -21,7 +21,7 @@ A plugin graph (``--plugins``) runs with the plugin nodes implemented on the CPU
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from model_export.graph import LARGE_MODEL_BYTES
 from model_export.plugins import MASKED_ATTENTION_DOMAIN, MASKED_ATTENTION_OP
 from model_export.plugins.ort_reference import is_plugin_graph, reference_session
 from model_format.metadata import INPUT_NAME, OUTPUT_NAMES, ExportMetadata
+from runtimes.runner import available_cpus
 
 # Max |ONNX Runtime - PyTorch| allowed, relative to max |PyTorch| of each output.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
@@ -174,14 +175,19 @@ class ProbedOutputs:
 
 
 def run_probed(
-    onnx_model: Any, layers: int, arrays: Sequence[np.ndarray], dtype: str = "float32"
+    onnx_model: Any,
+    layers: int,
+    arrays: Sequence[np.ndarray],
+    dtype: str = "float32",
+    openvino: str | None = None,
 ) -> list[ProbedOutputs]:
     """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime, with the runner's session settings, on
     each (B, 3, H, W) array, reading also the intermediate tensors :func:`_probes` names. This is the half of
     the check that involves only ONNX Runtime: it can run in another process or under a CPU emulator, and
-    :func:`check_against_pytorch` then compares its results (``onnx_outputs``) with PyTorch's."""
+    :func:`check_against_pytorch` then compares its results (``onnx_outputs``) with PyTorch's. With
+    ``openvino`` ("f32" or "bf16") the graph runs in OpenVINO at that inference precision instead, compiled as
+    its runner compiles it, so that the same check judges that runner."""
     from runtimes.ort_session import (  # lazy: onnxruntime (an export with check=False runs without it)
-        available_cpus,
         open_session,
         session_options,
     )
@@ -210,19 +216,45 @@ def run_probed(
         source = onnx_model.SerializeToString()
     else:
         raise ValueError("pass the path of a model larger than 2 GB, not its proto")
-    opts = session_options(available_cpus())  # run it as the service's runner does
-    if plugin_graph:
-        session = reference_session(source, opts)
+    names = [*OUTPUT_NAMES, *extra]
+    if openvino is not None:
+        if plugin_graph:
+            raise ValueError("OpenVINO cannot run the plugin nodes of a --plugins graph")
+        run = _openvino_run(source, names, openvino)
     else:
-        session = open_session(source, opts, ["CPUExecutionProvider"])
+        opts = session_options(available_cpus())  # run it as the service's runner does
+        if plugin_graph:
+            session = reference_session(source, opts)
+        else:
+            session = open_session(source, opts, ["CPUExecutionProvider"])
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            return session.run(names, {INPUT_NAME: x})
+
     del source
     np_dtype = np.float16 if dtype == "float16" else np.float32
     results = []
     for x in arrays:
         t0 = time.perf_counter()
-        got = session.run([*OUTPUT_NAMES, *extra], {INPUT_NAME: np.asarray(x).astype(np_dtype)})
+        got = run(np.asarray(x).astype(np_dtype))
         results.append(ProbedOutputs(got, bool(probes), plugin_graph, time.perf_counter() - t0))
     return results
+
+
+def _openvino_run(source: bytes, names: list[str], precision: str) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """The probe graph compiled by OpenVINO as :class:`runtimes.openvino_runner.OpenVinoRunner` compiles a model
+    at ``precision`` ("f32" or "bf16"): a function of the input returning the ``names`` outputs, in order."""
+    from runtimes.openvino_runner import compile_onnx  # lazy: openvino (an optional extra)
+
+    compiled = compile_onnx(source, precision, available_cpus())
+    request = compiled.create_infer_request()
+    outputs = {name: out for out in compiled.outputs for name in out.get_names()}
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        results = request.infer({0: x})
+        return [np.array(results[outputs[name]]) for name in names]
+
+    return run
 
 
 def check_against_pytorch(

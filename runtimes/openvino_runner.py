@@ -28,6 +28,24 @@ PRECISIONS = ("f32", "bf16")
 _NP_DTYPES = {ov.Type.f32: np.dtype(np.float32), ov.Type.f16: np.dtype(np.float16)}
 
 
+def compile_options(precision: str, threads: int) -> dict[str, Any]:
+    """How the runner compiles a model for the CPU, at ``precision`` (one of :data:`PRECISIONS`); the export
+    check compiles its probe graph the same way."""
+    return {
+        "INFERENCE_PRECISION_HINT": precision,
+        "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch is one request, its threads share the cores
+        "NUM_STREAMS": 1,
+    }
+
+
+def compile_onnx(source: bytes, precision: str, threads: int) -> Any:
+    """A serialized ONNX graph compiled as the runner compiles its model (the export check runs its probe graph,
+    the model with extra outputs, this way)."""
+    core = ov.Core()
+    return core.compile_model(core.read_model(source, b""), "CPU", compile_options(precision, threads))
+
+
 class OpenVinoRunner:
     """Runs an exported Mask2Former graph in OpenVINO on the CPU: ``run(pixel_values) -> (class_logits,
     mask_logits)``.
@@ -76,16 +94,7 @@ class OpenVinoRunner:
         if dtype is None:
             raise ValueError(f"unsupported input type {inp.get_element_type()}")
         self.input = InputSpec(inp.get_any_name(), shape, dtype)
-        self.compiled = core.compile_model(
-            model,
-            "CPU",
-            {
-                "INFERENCE_PRECISION_HINT": precision,
-                "INFERENCE_NUM_THREADS": self.threads,
-                "PERFORMANCE_HINT": "LATENCY",  # one stream: a batch is one request, its threads share the cores
-                "NUM_STREAMS": 1,
-            },
-        )
+        self.compiled = core.compile_model(model, "CPU", compile_options(precision, self.threads))
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()  # an infer request runs one inference at a time
 

@@ -50,6 +50,28 @@ def test_openvino_bf16_runs_and_says_so(demo_onnx):
         OpenVinoRunner(demo_onnx, precision="int4")
 
 
+def test_export_check_judges_openvino(demo_onnx):
+    """The exporter's check runs the graph in OpenVINO as its runner compiles it (``run_probed(openvino=...)``):
+    f32 passes at the float32 tolerance with no attention-mask flip; bf16 passes at the int8 tolerance, the
+    accuracy class this project gives it (bench/cpu_runtimes.py --check measures both on swin-tiny)."""
+    import torch
+
+    from mask2former import load_model
+    from mask2former.weights import DEMO_WEIGHTS
+    from model_export.check import INT8_TOLERANCE, check_against_pytorch, run_probed
+
+    model = load_model(DEMO_WEIGHTS).eval()
+    x = torch.randn(1, 3, 160, 160, generator=torch.Generator().manual_seed(0)).numpy()
+    layers = model.config.decoder_layers
+    (f32,) = run_probed(demo_onnx, layers, [x], openvino="f32")
+    assert f32.probed and len(f32.arrays) == 2 + 2 * layers and f32.arrays[-1].dtype == np.bool_
+    (result,) = check_against_pytorch(None, model, [x], TOLERANCE["float32"], onnx_outputs=[f32])
+    assert result.passed and result.mask_flips == 0, result.describe()
+    (bf16,) = run_probed(demo_onnx, layers, [x], openvino="bf16")
+    (result,) = check_against_pytorch(None, model, [x], INT8_TOLERANCE, onnx_outputs=[bf16])
+    assert result.passed, result.describe()
+
+
 @pytest.mark.parametrize(
     ("kernel", "flags", "expected"),
     [
