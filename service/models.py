@@ -28,6 +28,7 @@ from PIL import Image
 from pipeline import steps
 from pipeline.batch import BatchPolicy, Item, assemble, choose_batch_size, describe_profile, profile_batches
 from runtimes import Runner, open_runner, typical_size
+from runtimes.cpu_class import default_runtime
 from runtimes.runner import available_cpus
 from service.scheduler import Lane, Rates
 from service.settings import DEMO_DIR, Settings, runtime_for
@@ -102,7 +103,11 @@ def load_version(
     s = settings
     t_start = time.perf_counter()
     if runner is None:
-        runner = open_runner(path, runtime_for(path), s.device, s.threads, s.cache_dir)
+        runtime = runtime_for(path)
+        if runtime == "onnxruntime" and s.device == "cpu":  # the runner this CPU's class gets (measured table)
+            cpu, runtime, why = default_runtime()
+            log.info("%s: CPU class %s: runtime %s (%s)", name, cpu, runtime, why)
+        runner = open_runner(path, runtime, s.device, s.threads, s.cache_dir)
         log.info("%s: loaded %s (%s) in %.1fs", name, runner.config.name, runner.name, time.perf_counter() - t_start)
     t0 = time.perf_counter()
     runner.warmup()

@@ -96,3 +96,20 @@ def test_every_class_has_a_default_with_a_reason(demo_onnx):
     assert runner.name == {"onnxruntime": "onnxruntime"}.get(DEFAULT_RUNNER[cpu_class()].runtime, "openvino")
     with pytest.raises(ValueError, match="unknown runtime"):
         open_runner(demo_onnx, "tensorflow")
+
+
+def test_the_service_serves_an_onnx_file_with_the_runner_its_cpu_class_gets(demo_onnx, monkeypatch, caplog):
+    """`m2f serve` opens an .onnx model with the runner the table picks for this CPU's class (not ONNX Runtime
+    whatever the table says): with the table's answer replaced, the model loads in OpenVINO, and the log says
+    which class gave which runner and why."""
+    import logging
+
+    from service import models
+    from service.settings import Settings
+
+    monkeypatch.setattr(models, "default_runtime", lambda: ("amx", "openvino-bf16", "a measured reason"))
+    settings = Settings(model=str(demo_onnx), max_batch_size=1, threads=1)
+    with caplog.at_level(logging.INFO, logger="m2f.service"):
+        version = models.load_version("default", 1, demo_onnx, settings)
+    assert version.runner.name == "openvino" and version.runner.describe()["precision"] == "bf16"
+    assert "CPU class amx: runtime openvino-bf16 (a measured reason)" in caplog.text
