@@ -33,21 +33,22 @@ class Choice:
 DEFAULT_RUNNER: dict[str, Choice] = {
     "amx": Choice(
         "onnxruntime",
-        "not measured: no AMX host was available (2026-12-07). The candidate is OpenVINO bf16 (runtime "
-        "'openvino-bf16'); adopt it here once bench/cpu_runtimes.py on an AMX host shows >= 15 % at the demo's ΔPQ "
-        "bound",
+        "not measured: no AMX host was available (2026-12-08). The candidate is OpenVINO bf16 (runtime "
+        "'openvino-bf16'; it beat PyTorch's bf16 autocast by 1.38-1.55x on AVX512_BF16); adopt it here once "
+        "bench/cpu_runtimes.py --check on an AMX host shows >= 15 % at the demo's ΔPQ bound",
     ),
     "avx512-vnni": Choice(
         "onnxruntime",
-        "measured on an AMD EPYC (Zen 4: AVX512_VNNI and AVX512_BF16, no AMX; 2 cores; 2026-12-07), swin-tiny batch 1, "
-        "384/640 px, vs ONNX Runtime fp32: OpenVINO f32 1.10x/1.16x at equal accuracy (not >= 15 % at both sizes); "
-        "OpenVINO bf16 1.55x/1.83x but at int8's accuracy, not fp32's (99.6 % mask signs; opt in with "
-        "'openvino-bf16'); ONNX Runtime int8 (mixed precision) 1.23x/1.24x, an export choice",
+        "measured on an AMD EPYC (Zen 4: AVX512_VNNI and AVX512_BF16, no AMX; 2 cores; 2026-12-07 and -08), swin-tiny "
+        "batch 1, 384/640 px, vs ONNX Runtime fp32: OpenVINO f32 1.10-1.14x / 1.16-1.21x at equal accuracy (not "
+        ">= 15 % at both sizes); OpenVINO bf16 1.87-1.89x but at int8's accuracy, not fp32's (99.6 % mask signs; opt "
+        "in with 'openvino-bf16'); ONNX Runtime int8 (mixed precision) 1.21-1.24x, an export choice",
     ),
     "avx2": Choice(
         "onnxruntime",
         "measured on an AMD EPYC with AVX2 only (issue 32, 2026-12-07): OpenVINO f32 1.05-1.15x faster than ONNX "
-        "Runtime fp32, under the 15 % bar; OpenVINO runs int8 graphs slower than ONNX Runtime",
+        "Runtime fp32, under the 15 % bar; OpenVINO runs int8 graphs slower than ONNX Runtime. The mixed int8 "
+        "export passes the exporter's check with ONNX Runtime's AVX2 kernels (emulated, bench/int8_emulated.py)",
     ),
     "other": Choice("onnxruntime", "not x86: ONNX Runtime runs everywhere; nothing else was measured"),
 }
