@@ -52,7 +52,12 @@ def open_runner(
     if runtime in ("openvino", "openvino-bf16"):
         if model is None or device != "cpu":
             raise ValueError("the openvino runtime runs an .onnx file on the CPU")
-        from runtimes.openvino_runner import OpenVinoRunner  # lazy: openvino (an optional extra)
+        try:
+            from runtimes.openvino_runner import OpenVinoRunner  # lazy: openvino (an optional extra)
+        except ModuleNotFoundError as e:
+            if e.name != "openvino":
+                raise
+            raise RuntimeError(f"runtime {runtime!r} needs OpenVINO: pip install 'mask2former-serve[openvino]'") from e
 
         precision = "bf16" if runtime == "openvino-bf16" else "f32"
         return OpenVinoRunner(model, threads=threads, precision=precision, cache_dir=cache_dir)

@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     )
     async def load_model(request: Request, name: ModelName, body: LoadRequest) -> dict[str, Any]:
         state.keys.check(request, "admin")
-        version = await state.load(name, Path(body.path))
+        version = await state.load(name, Path(body.path), runtime=body.runtime)
         return version.describe()
 
     @app.delete(

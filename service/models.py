@@ -31,7 +31,7 @@ from runtimes import Runner, open_runner, typical_size
 from runtimes.cpu_class import default_runtime
 from runtimes.runner import available_cpus
 from service.scheduler import Lane, Rates
-from service.settings import DEMO_DIR, Settings, runtime_for
+from service.settings import DEMO_DIR, Runtime, Settings, runtime_for
 
 log = logging.getLogger("m2f.service")
 
@@ -96,17 +96,26 @@ def weights_bytes(path: Path | None) -> int:
 
 
 def load_version(
-    name: str, number: int, path: Path | None, settings: Settings, runner: Runner | None = None
+    name: str,
+    number: int,
+    path: Path | None,
+    settings: Settings,
+    runner: Runner | None = None,
+    runtime: Runtime | None = None,
 ) -> Version:
-    """Open (unless ``runner`` is given), warm up, profile and measure one version of model ``name``; blocking.
-    Its lane is made but not yet added to a scheduler."""
+    """Open (unless ``runner`` is given; with ``runtime`` if named, else the one the file and the CPU class get),
+    warm up, profile and measure one version of model ``name``; blocking. Its lane is made but not yet added to a
+    scheduler."""
     s = settings
     t_start = time.perf_counter()
     if runner is None:
-        runtime = runtime_for(path)
-        if runtime == "onnxruntime" and s.device == "cpu":  # the runner this CPU's class gets (measured table)
-            cpu, runtime, why = default_runtime()
-            log.info("%s: CPU class %s: runtime %s (%s)", name, cpu, runtime, why)
+        if runtime is not None and (path is None or path.suffix != ".onnx"):
+            raise ValueError(f"{path}: only an .onnx file can name its runtime")
+        if runtime is None:
+            runtime = runtime_for(path)
+            if runtime == "onnxruntime" and s.device == "cpu":  # the runner this CPU's class gets (measured table)
+                cpu, runtime, why = default_runtime()
+                log.info("%s: CPU class %s: runtime %s (%s)", name, cpu, runtime, why)
         runner = open_runner(path, runtime, s.device, s.threads, s.cache_dir)
         log.info("%s: loaded %s (%s) in %.1fs", name, runner.config.name, runner.name, time.perf_counter() - t_start)
     t0 = time.perf_counter()

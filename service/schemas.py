@@ -100,6 +100,9 @@ class ModelInfo(ModelSummary):
 
 class LoadRequest(BaseModel):
     path: str = Field(description="on the server: an HF checkpoint folder, a detectron2 file or an .onnx file")
+    runtime: Literal["onnxruntime", "openvino", "openvino-bf16"] | None = Field(
+        None, description="for an .onnx file: the runner (default: the one this CPU's class gets, ONNX Runtime so far)"
+    )
 
 
 class Health(BaseModel):

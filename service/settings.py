@@ -11,7 +11,9 @@ from typing import Any, Literal, NamedTuple
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Runtime = Literal["torch", "onnxruntime"]
+Runtime = Literal["torch", "onnxruntime", "openvino", "openvino-bf16"]
+# What an .onnx model may name after its path (PATH@RUNTIME) instead of the runner its CPU class gets.
+ONNX_RUNTIMES = ("onnxruntime", "openvino", "openvino-bf16")
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "weights" / "demo"  # in a source checkout or editable install
 DISTRIBUTION = "mask2former-serve"
@@ -23,6 +25,18 @@ MODEL_FILES = ("*.onnx", "*.pkl", "*.pth")  # what a model repository's sub-fold
 class ModelSource(NamedTuple):
     name: str
     path: Path | None  # None: the bundled demo checkpoint (PyTorch)
+    runtime: Runtime | None = None  # named with PATH@RUNTIME; None: by the file (and the CPU class's table)
+
+
+def split_runtime(text: str) -> tuple[Path, Runtime | None]:
+    """``PATH[@RUNTIME]`` -> (path, runtime or None); a path that exists as written is taken whole."""
+    m = re.fullmatch(r"(.+)@(" + "|".join(ONNX_RUNTIMES) + ")", text)
+    if m is None or Path(text).exists():
+        return Path(text), None
+    path = Path(m.group(1))
+    if path.suffix != ".onnx":
+        raise ValueError(f"{text}: only an .onnx file can name its runtime ({', '.join(ONNX_RUNTIMES)})")
+    return path, m.group(2)  # type: ignore[return-value]
 
 
 def runtime_for(path: Path | None) -> Runtime:
@@ -54,11 +68,12 @@ def repository_models(folder: Path) -> list[ModelSource]:
 
 def parse_models(text: str | None) -> list[ModelSource]:
     """``--model`` / ``M2F_MODEL``: a path, ``NAME=PATH``, several of them comma-separated, or a model repository
-    folder (a folder that is not itself a checkpoint). The first is the default model (``/v1/segment``)."""
+    folder (a folder that is not itself a checkpoint). The first is the default model (``/v1/segment``). An .onnx
+    path may end in ``@RUNTIME`` (:data:`ONNX_RUNTIMES`) to choose its runner."""
     if text is None:
         return [ModelSource(DEFAULT_NAME, None)]
     entries = [e.strip() for e in text.split(",") if e.strip()]
-    if len(entries) == 1 and "=" not in entries[0]:
+    if len(entries) == 1 and "=" not in entries[0] and "@" not in entries[0]:
         path = Path(entries[0])
         if path.is_dir() and not (path / "config.json").is_file():
             return repository_models(path)
@@ -68,7 +83,7 @@ def parse_models(text: str | None) -> list[ModelSource]:
         name = name.strip() if sep else DEFAULT_NAME
         if not NAME.fullmatch(name):
             raise ValueError(f"model name {name!r}: use lowercase letters, digits, '.', '_', '-' ({NAME.pattern})")
-        sources.append(ModelSource(name, Path(path.strip())))
+        sources.append(ModelSource(name, *split_runtime(path.strip())))
     names = [s.name for s in sources]
     if len(set(names)) != len(names):
         raise ValueError(f"model names must differ (give several as NAME=PATH): {', '.join(names)}")
@@ -112,8 +127,9 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         None,
-        description="what to serve: an HF checkpoint folder, detectron2 file or .onnx file (an .onnx runs in ONNX "
-        "Runtime, the rest in PyTorch); NAME=PATH, several comma-separated (the first is the default); or a model "
+        description="what to serve: an HF checkpoint folder, detectron2 file or .onnx file (an .onnx runs with the "
+        "runner its CPU class gets, ONNX Runtime so far, or the one named as PATH@openvino, @openvino-bf16, "
+        "@onnxruntime; the rest in PyTorch); NAME=PATH, several comma-separated (the first is the default); or a model "
         "repository folder (one sub-folder per model); default: the bundled demo model (PyTorch where torch is "
         "installed, else weights/demo/model.onnx)",
     )

@@ -25,7 +25,7 @@ from service.logs import ContextThreadPoolExecutor
 from service.metrics import Metrics
 from service.models import DEFAULT_MAX_BATCH, Version, load_version, weights_bytes
 from service.scheduler import Scheduler
-from service.settings import Settings
+from service.settings import Runtime, Settings
 
 log = logging.getLogger("m2f.service")
 
@@ -80,7 +80,7 @@ class ServiceState:
         try:
             for source in self.sources:
                 runner = self._given_runner if source.name == self.default else None
-                await self.load(source.name, source.path, runner)
+                await self.load(source.name, source.path, runner, source.runtime)
             self.ready = True
             self.metrics.ready.set(1)
         except Exception as e:  # noqa: BLE001 - reported on /readyz and ends `m2f serve`
@@ -89,9 +89,11 @@ class ServiceState:
             log.debug("model load traceback", exc_info=True)
             on_load_error()
 
-    async def load(self, name: str, path: Path | None, runner: Runner | None = None) -> Version:
-        """Load a new version of model ``name`` beside the current one, then swap: new requests go to it and the
-        old one finishes what it admitted. Raises HTTPError 507 when it would not fit the memory budget, 422
+    async def load(
+        self, name: str, path: Path | None, runner: Runner | None = None, runtime: Runtime | None = None
+    ) -> Version:
+        """Load a new version of model ``name`` (in ``runtime`` if named) beside the current one, then swap: new
+        requests go to it and the old one finishes what it admitted. Raises HTTPError 507 when it would not fit the memory budget, 422
         when it fails to load (the old version keeps serving either way)."""
         async with self._loading:
             if self.draining:
@@ -104,7 +106,7 @@ class ServiceState:
             loop = asyncio.get_running_loop()
             try:
                 version = await loop.run_in_executor(
-                    self.load_pool, load_version, name, number, path, self.settings, runner
+                    self.load_pool, load_version, name, number, path, self.settings, runner, runtime
                 )
             except Exception as e:
                 raise HTTPError(422, "load_failed", f"model {name} (version {number}) failed to load: {e}") from e

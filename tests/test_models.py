@@ -172,3 +172,20 @@ def test_unload_answers_what_was_admitted_and_then_404(start_server, tmp_path):
     assert r.status_code == 200 and r.json()["state"] == "draining"
     assert post(server.base, "/v1/models/extra/segment", png()).status_code == 404
     assert [m["name"] for m in server.client.get("/v1/models").json()["models"]] == ["main"]
+
+
+def test_an_onnx_model_can_name_its_runner_at_start_and_on_reload(start_server, tmp_path):
+    """``--model NAME=PATH@RUNTIME`` and the reload body's ``runtime`` choose the runner of an .onnx model (OpenVINO
+    here); without one it is the runner this CPU's class gets; a runtime for a file that is not .onnx is a 422."""
+    pytest.importorskip("openvino")
+    keys = keys_file(tmp_path, admin=[ADMIN_KEY])
+    server = start_server("--model", f"demo={DEMO}@openvino,plain={DEMO}", "--keys-file", str(keys))
+    listed = {m["name"]: m for m in server.client.get("/v1/models").json()["models"]}
+    assert listed["demo"]["runtime"].startswith("openvino") and listed["plain"]["runtime"].startswith("onnxruntime")
+    assert post(server.base, "/v1/models/demo/segment", png()).status_code == 200
+    admin = {"X-API-Key": ADMIN_KEY}
+    body = {"path": str(DEMO), "runtime": "onnxruntime"}
+    r = httpx.put(server.base + "/v1/models/demo", json=body, headers=admin, timeout=120)
+    assert r.status_code == 200 and r.json()["version"] == 2 and r.json()["runtime"].startswith("onnxruntime"), r.text
+    r = httpx.put(server.base + "/v1/models/demo", json={"path": str(tmp_path), "runtime": "openvino"}, headers=admin)
+    assert r.status_code == 422 and r.json()["error"]["reason"] == "load_failed" and "only an .onnx file" in r.text

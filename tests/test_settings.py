@@ -39,6 +39,19 @@ def test_several_models_by_name_or_from_a_model_repository(tmp_path):
         ModelSource("ade", Path("/m/ade")),
     ]
     assert Settings(model="/m/one.onnx").model_sources() == [ModelSource("default", Path("/m/one.onnx"))]
+    # an .onnx file may name its runner; a path that exists as written is taken whole
+    assert Settings(model="fast=/m/a.onnx@openvino-bf16, b=/m/b.onnx@onnxruntime").model_sources() == [
+        ModelSource("fast", Path("/m/a.onnx"), "openvino-bf16"),
+        ModelSource("b", Path("/m/b.onnx"), "onnxruntime"),
+    ]
+    assert Settings(model="/m/one.onnx@openvino").model_sources() == [
+        ModelSource("default", Path("/m/one.onnx"), "openvino")
+    ]
+    odd = tmp_path / "odd.onnx@openvino"
+    odd.write_bytes(b"")
+    assert Settings(model=str(odd)).model_sources() == [ModelSource("default", odd)]
+    with pytest.raises(ValueError, match="only an .onnx file can name its runtime"):
+        Settings(model="a=/m/checkpoint@openvino")
     for bad, why in (("a.onnx,b.onnx", "must differ"), ("Big=/m/a.onnx", "model name"), ("a b=/x", "model name")):
         with pytest.raises(ValueError, match=why):
             Settings(model=bad)
