@@ -33,9 +33,10 @@ class Choice:
 DEFAULT_RUNNER: dict[str, Choice] = {
     "amx": Choice(
         "onnxruntime",
-        "not measured: no AMX host was available (2026-12-08). The candidate is OpenVINO bf16 (runtime "
-        "'openvino-bf16'; it beat PyTorch's bf16 autocast by 1.38-1.55x on AVX512_BF16); adopt it here once "
-        "bench/cpu_runtimes.py --check on an AMX host shows >= 15 % at the demo's ΔPQ bound",
+        "not measured: no AMX host was available (2026-12-08). OpenVINO f32 is the candidate for the default (it was "
+        "at the 15 % bar on AVX-512 VNNI); adopt it here once bench/cpu_runtimes.py --check on an AMX host shows "
+        ">= 15 % at both sizes. bf16 (OpenVINO's, 1.38-1.55x PyTorch's autocast on AVX512_BF16) stays opt-in as on "
+        "every class ('openvino-bf16'): it would change an fp32 file's answers to int8's accuracy",
     ),
     "avx512-vnni": Choice(
         "onnxruntime",
