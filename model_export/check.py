@@ -165,8 +165,9 @@ def _probes(model: Any, layers: int) -> tuple[list[str], list[str]] | None:
 
 @dataclass
 class ProbedOutputs:
-    """What ONNX Runtime computed for one input: the outputs, and (when the graph's probes were found) each
-    decoder layer's mask logits and attention mask, as :func:`run_probed` returns them."""
+    """What the runtime under check computed for one input (ONNX Runtime, or OpenVINO, by :func:`run_probed`; or
+    any other path that gives the same arrays): the outputs, and (when the graph's probes were found) each decoder
+    layer's mask logits and attention mask."""
 
     arrays: list[np.ndarray]  # class_logits, mask_logits, then the probes (layers' mask logits, then masks)
     probed: bool  # the probes were found: arrays holds them after the two outputs
@@ -269,8 +270,8 @@ def check_against_pytorch(
     """Run the ONNX model (a ``ModelProto`` or a path) in ONNX Runtime and the float32 PyTorch model on each
     input (an array, or a (B, 3, H, W) shape for a standard-normal one drawn with ``seed``); compare the
     outputs and every layer's attention mask (see the module docstring). A plugin graph runs with the plugin
-    nodes' CPU reference implementations. ``onnx_outputs``, one per input, are ONNX Runtime's results computed
-    elsewhere by :func:`run_probed` (``onnx_model`` is then not run)."""
+    nodes' CPU reference implementations. ``onnx_outputs``, one per input, are results computed elsewhere (by
+    :func:`run_probed` in another process, under an emulator, or in OpenVINO); ``onnx_model`` is then not run."""
     layers = model.config.decoder_layers
     gen = torch.Generator().manual_seed(seed)
     xs = [

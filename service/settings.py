@@ -182,8 +182,10 @@ class Settings(BaseSettings):
 
     @property
     def runtime(self) -> Runtime:
-        """The default model's runtime: onnxruntime for an .onnx file, torch for the rest."""
-        return runtime_for(self.model_sources()[0].path)
+        """The default model's runtime: the one named (PATH@RUNTIME), else onnxruntime for an .onnx file (the
+        runner its CPU class gets is chosen at load), torch for the rest."""
+        source = self.model_sources()[0]
+        return source.runtime or runtime_for(source.path)
 
     @property
     def drain_timeout_s(self) -> float:

@@ -93,8 +93,8 @@ class ServiceState:
         self, name: str, path: Path | None, runner: Runner | None = None, runtime: Runtime | None = None
     ) -> Version:
         """Load a new version of model ``name`` (in ``runtime`` if named) beside the current one, then swap: new
-        requests go to it and the old one finishes what it admitted. Raises HTTPError 507 when it would not fit the memory budget, 422
-        when it fails to load (the old version keeps serving either way)."""
+        requests go to it and the old one finishes what it admitted. Raises HTTPError 507 when it would not fit
+        the memory budget, 422 when it fails to load (the old version keeps serving either way)."""
         async with self._loading:
             if self.draining:
                 raise HTTPError(503, "draining", "the server is shutting down")

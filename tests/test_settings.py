@@ -47,6 +47,7 @@ def test_several_models_by_name_or_from_a_model_repository(tmp_path):
     assert Settings(model="/m/one.onnx@openvino").model_sources() == [
         ModelSource("default", Path("/m/one.onnx"), "openvino")
     ]
+    assert Settings(model="/m/one.onnx@openvino").runtime == "openvino"
     odd = tmp_path / "odd.onnx@openvino"
     odd.write_bytes(b"")
     assert Settings(model=str(odd)).model_sources() == [ModelSource("default", odd)]
