@@ -50,23 +50,32 @@ def bf16(model: torch.nn.Module, x: torch.Tensor, aux: bool = False):
         return model(x, aux=aux)
 
 
-def probed(name: str, files: dict[str, Path], ours: torch.nn.Module, x: torch.Tensor) -> ProbedOutputs | None:
+# The exported-file contenders: name -> (file of bench.common.int8_exports, runtime of open_runner, the export
+# check's tolerance: float32's for the float32 paths, the int8 one for int8 and bf16).
+FILE_CONTENDERS = {
+    "onnxruntime fp32": ("fp32", "onnxruntime", TOLERANCE["float32"]),
+    "onnxruntime int8": ("int8", "onnxruntime", INT8_TOLERANCE),
+    "onnxruntime int8 (every MatMul)": ("int8-all", "onnxruntime", INT8_TOLERANCE),
+    "openvino f32": ("fp32", "openvino", TOLERANCE["float32"]),
+    "openvino bf16": ("fp32", "openvino-bf16", INT8_TOLERANCE),
+    "openvino int8": ("int8", "openvino", INT8_TOLERANCE),
+}
+TORCH_BF16 = "ours, torch bf16 autocast"
+
+
+def probed(name: str, files: dict[str, Path], ours: torch.nn.Module, x: torch.Tensor) -> ProbedOutputs:
     """What the export check compares for contender ``name``: its outputs and each decoder layer's mask logits
-    and attention mask (model_export.check.run_probed for the ONNX files, PyTorch's own for bf16 autocast)."""
+    and attention mask (model_export.check.run_probed for the exported files, PyTorch's own for bf16 autocast)."""
     layers = ours.config.decoder_layers
-    runtime, _, variant = name.partition(" ")
-    file = files["int8-all" if "every" in variant else "int8" if "int8" in variant else "fp32"]
-    if runtime == "onnxruntime":
-        return run_probed(file, layers, [x.numpy()])[0]
-    if runtime == "openvino":
-        return run_probed(file, layers, [x.numpy()], openvino="bf16" if variant == "bf16" else "f32")[0]
-    if "bf16" in name:
+    if name == TORCH_BF16:
         with torch.inference_mode():
             out = bf16(ours, x, aux=True)
         steps = [s.float() for s in out.attention_logits]  # per layer (B, Q, S_l)
         arrays = [out.class_logits.float(), out.mask_logits.float(), *steps, *map(attention_mask_at_level, steps)]
         return ProbedOutputs([a.numpy() for a in arrays], True, False)
-    return None
+    file, runtime, _ = FILE_CONTENDERS[name]
+    openvino = {"openvino": "f32", "openvino-bf16": "bf16"}.get(runtime)
+    return run_probed(files[file], layers, [x.numpy()], openvino=openvino)[0]
 
 
 def accuracy(got: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> dict[str, float]:
@@ -110,26 +119,22 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes:
             files = int8_exports(folder, work, size)
             runners = {
-                "onnxruntime fp32": open_runner(files["fp32"], "onnxruntime", threads=threads),
-                "onnxruntime int8": open_runner(files["int8"], "onnxruntime", threads=threads),
-                "onnxruntime int8 (every MatMul)": open_runner(files["int8-all"], "onnxruntime", threads=threads),
-                "openvino f32": open_runner(files["fp32"], "openvino", threads=threads),
-                "openvino bf16": open_runner(files["fp32"], "openvino-bf16", threads=threads),
-                "openvino int8": open_runner(files["int8"], "openvino", threads=threads),
+                name: open_runner(files[file], runtime, threads=threads)
+                for name, (file, runtime, _) in FILE_CONTENDERS.items()
             }
             x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
             runs = {
                 "transformers": lambda x=x: theirs(pixel_values=x),
                 "ours": lambda x=x: ours(x),
-                "ours, torch bf16 autocast": lambda x=x: bf16(ours, x),
+                TORCH_BF16: lambda x=x: bf16(ours, x),
             }
             runs.update({name: (lambda r=r, xn=xn: r.run(xn)) for name, r in runners.items()})
             runs = {k: v for k, v in runs.items() if k not in args.skip}
             ref = runners["onnxruntime fp32"].run(xn)
             acc = {name: accuracy(r.run(xn), ref) for name, r in runners.items() if name in runs}
             with torch.inference_mode():
-                for name, o in (("ours", ours(x)), ("ours, torch bf16 autocast", bf16(ours, x))):
+                for name, o in (("ours", ours(x)), (TORCH_BF16, bf16(ours, x))):
                     acc[name] = accuracy((o.class_logits.float().numpy(), o.mask_logits.float().numpy()), ref)
                 for fn in runs.values():  # warm-up
                     fn()
@@ -141,13 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                         runs[name]()
                         times[name].append((time.perf_counter() - t0) * 1e3)
             checks = {}
-            if args.check:  # the exporter's check on every contender but the reference itself
-                for name in runs:
+            if args.check:  # the exporter's check on every contender but the reference and transformers
+                for name in (n for n in runs if n == TORCH_BF16 or n in FILE_CONTENDERS):
+                    tolerance = INT8_TOLERANCE if name == TORCH_BF16 else FILE_CONTENDERS[name][2]
                     got = probed(name, files, ours, x)
-                    if got is not None:
-                        tolerance = TOLERANCE["float32"] if name.endswith(("fp32", "f32")) else INT8_TOLERANCE
-                        (result,) = check_against_pytorch(None, ours, [xn], tolerance, onnx_outputs=[got])
-                        checks[name] = {"check_passed": result.passed, "check": result.describe()}
+                    (result,) = check_against_pytorch(None, ours, [xn], tolerance, onnx_outputs=[got])
+                    checks[name] = {"check_passed": result.passed, "check": result.describe()}
             base = statistics.median(times["transformers"]) if "transformers" in times else None
             print(
                 f"{size}x{size}, batch 1, {args.rounds} rounds (median ms, min-max, vs transformers; accuracy vs ORT fp32):"

@@ -16,8 +16,8 @@ rates; its images wait for a pass in buckets of similar padded size (:class:`~pi
 bucket is ready when it is full or its oldest image has waited ``max_delay_s``. Passes of several lanes share the
 one inference thread fairly: of the lanes with a ready batch, the one that has had the least pass time goes next
 (a lane that comes back from idle starts from the pass time of the lane served last, so it cannot bank the time
-it was idle), so a model
-that is ten times slower than another takes turns with it instead of holding it behind its backlog.
+it was idle), so a model that is ten times slower than another takes turns with it instead of holding it behind
+its backlog.
 
 - ``take_turns`` (a lane whose CPU forward pass uses every core): its pass runs alone. When the next pass is
   such a lane's and older than the oldest ready CPU step, no newer CPU step starts, and the pass starts as soon
@@ -353,6 +353,7 @@ class Scheduler:
             self._timer.cancel()
 
     def stats(self) -> Stats:
+        """What the scheduler holds now (for the metrics)."""
         return Stats(
             admitted=len(self._jobs),
             waiting_for_pass=sum(len(ln.policy) for ln in self.lanes),

@@ -386,6 +386,15 @@ def add_lane(s: Scheduler, cores: Cores, name: str, rates: Rates = CHEAP, max_ba
     return cores.lane
 
 
+def slow_and_fast(order: list[str], slow_s: float, fast_s: float) -> tuple[Scheduler, Logged, Logged]:
+    """A scheduler with a slow lane and a fast one (one image per pass), both logging to ``order``."""
+    slow, fast = Logged("slow", slow_s, order), Logged("fast", fast_s, order)
+    s = scheduler(slow, max_batch=1)
+    slow.lane.run = slow.run
+    add_lane(s, fast, "fast")
+    return s, slow, fast
+
+
 def test_a_slow_lane_does_not_hold_a_fast_one_behind_its_backlog():
     """A lane whose passes take 10x longer, 20 jobs deep: a job of the fast lane gets its pass after at most the
     slow pass that runs and one that starts while it is decoded, not after the slow lane's backlog (FIFO would
@@ -393,10 +402,7 @@ def test_a_slow_lane_does_not_hold_a_fast_one_behind_its_backlog():
     order: list[str] = []
 
     async def go():
-        slow, fast = Logged("slow", 0.05, order), Logged("fast", 0.005, order)
-        s = scheduler(slow, max_batch=1)
-        slow.lane.run = slow.run
-        add_lane(s, fast, "fast")
+        s, slow, fast = slow_and_fast(order, 0.05, 0.005)
         backlog = [s.submit(make_job(slow, later(30))) for _ in range(20)]
         for _ in range(3):
             await asyncio.sleep(0.12)  # a few slow passes in
@@ -418,10 +424,7 @@ def test_a_lane_back_from_idle_has_banked_no_pass_time():
     order: list[str] = []
 
     async def go():
-        slow, fast = Logged("slow", 0.05, order), Logged("fast", 0.02, order)
-        s = scheduler(slow, max_batch=1)
-        slow.lane.run = slow.run
-        add_lane(s, fast, "fast")
+        s, slow, fast = slow_and_fast(order, 0.05, 0.02)
         for _ in range(40):
             await s.submit(make_job(fast, later(30)))
         backlog = [s.submit(make_job(slow, later(30))) for _ in range(20)]
